@@ -1,0 +1,455 @@
+"""
+A from-scratch LLaMA / Qwen2 / Qwen3 forward pass with a per-layer KV cache.
+
+Read it top to bottom: config -> RoPE -> blocks -> weights -> cache -> prefill /
+decode -> generation -> command line. References:
+- LLaMA (Touvron et al. 2023) and Llama-3.1's RoPE frequency scaling (Meta, 2024);
+- Qwen2 (q/k/v projection biases) and Qwen3 (RMSNorm on each head's q and k);
+- nanoGPT and gpt-fast (Karpathy; PyTorch team) for the style: one config
+  dataclass, shape comments, separate `prefill` and `decode_one_token`.
+
+The KV cache keeps one K and one V buffer per layer, and the layers' lengths may
+differ: KV-cache compression (polykv.py) shrinks each layer on its own from the
+outside. Keys are cached after RoPE, so a kept token keeps its true position, and
+`cache.next_pos` (the position of the next token) continues from the prompt
+length whatever the cache lengths are. This file knows nothing of policies or
+plans: `prefill` can hand each layer's post-RoPE queries and keys to an
+`observe` function the caller passes in, which is all a scorer needs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    model_type: str = "llama"
+    vocab_size: int = 49152
+    dim: int = 576  # hidden size
+    n_layers: int = 30
+    n_heads: int = 9  # query heads
+    n_kv_heads: int = 3  # key/value heads (GQA: n_heads // n_kv_heads queries share one)
+    head_dim: int = 64
+    hidden_dim: int = 1536  # MLP inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1: {"rope_type": "llama3", ...}
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        """Read a Hugging Face config.json dict; unsupported settings are errors naming the field."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{source}: model_type={model_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if field not in hf:
+                raise ValueError(f"{source}: missing field {field!r}")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        if model_type != "qwen2" and hf.get("attention_bias"):
+            raise ValueError(f"{source}: attention_bias=true is not supported for {model_type}")
+        # transformers v4 writes rope_theta + rope_scaling; v5 folds both into rope_parameters
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("llama3", "default"):
+            raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope if kind == "llama3" else None,
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+        )
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (real-valued: rotate the two halves of each head)
+
+
+def rope_frequencies(cfg: Config) -> torch.Tensor:
+    """Inverse frequencies (hd/2,), with Llama-3.1's scaling of the low frequencies if configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Llama-3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen = old_ctx / s["low_freq_factor"]
+    high_wavelen = old_ctx / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], blended)
+    return torch.where(wavelen < high_wavelen, inv_freq, scaled).float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd): both halves share each angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd). Pair i of a head is (x[i], x[i + hd/2]), rotated by angle i."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 (as the reference does) so bf16 runs stay stable
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache: "KVCache", layer: int, observe=None) -> torch.Tensor:
+        B, N, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, nh, N, hd)
+        k = self.k_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, n_kv, N, hd)
+        v = self.v_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, n_kv, N, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = cache.append(layer, k, v)  # (B, n_kv, L, hd): cached tokens + these N
+        if observe is not None:
+            observe(layer, q, k_all)
+        L = k_all.shape[2]
+        mask = None
+        if N > 1:  # query i sits at cache index L-N+i and sees every cache index up to it
+            mask = torch.arange(L, device=x.device)[None, :] <= torch.arange(L - N, L, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)  # (B, nh, N, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, observe=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, observe)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    # Module names follow the Hugging Face checkpoint names (minus the "model." prefix),
+    # so loading a checkpoint is a name check and a copy.
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+
+# -----------------------------------------------------------------------------
+# Loading weights (safetensors only: never unpickle a checkpoint) and the tokenizer
+
+
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(model_dir / shard))
+        return tensors
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: not found (is {model_dir} a checkpoint folder?)")
+    cfg = Config.from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    tensors = {k.removeprefix("model."): v for k, v in read_safetensors(model_dir).items()}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{model_dir}: missing tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise ValueError(f"{model_dir}: unexpected tensor(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"{model_dir}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}")
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; a checkpoint folder needs tokenizer.json (the `tokenizers` format)")
+    return Tokenizer.from_file(str(path))
+
+
+def stop_token_ids(model_dir: str | Path, tokenizer: Tokenizer) -> list[int]:
+    """End-of-turn and end-of-text ids: generation_config.json's eos ids plus the family's chat terminators."""
+    ids = set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"):
+        if (i := tokenizer.token_to_id(token)) is not None:
+            ids.add(i)
+    return sorted(ids)
+
+
+def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None) -> str:
+    """The family's chat format: ChatML (SmolLM2, Qwen) or Llama-3's header format.
+
+    The default system prompts are the ones each model's own chat template inserts."""
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:  # Llama-3
+        turn = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>"
+        head = turn.format("system", system) if system else ""
+        return "<|begin_of_text|>" + head + turn.format("user", user) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    if tokenizer.token_to_id("<|im_start|>") is None:
+        raise ValueError("tokenizer has neither ChatML (<|im_start|>) nor Llama-3 header tokens: no known chat format")
+    if system is None:  # what SmolLM2's and Qwen2.5's templates insert when no system message is given
+        qwen = tokenizer.token_to_id("<|fim_prefix|>") is not None and tokenizer.get_vocab_size() > 100_000
+        system = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant." if qwen
+                  else "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -----------------------------------------------------------------------------
+# KV cache: one K and one V buffer per layer, each with room to grow
+
+
+class KVCache:
+    """Post-RoPE keys and values per layer. Layer lengths may differ (after compression).
+
+    Each layer's buffer is (B, n_kv, capacity, hd) with the first `lengths[l]` slots
+    valid; appending writes in place and doubles the capacity when full, so a decode
+    step costs no copy of the whole cache.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = [0] * n_layers
+        self.next_pos = 0  # true position of the next token: continues from the prompt length
+
+    def keys(self, layer: int) -> torch.Tensor:  # (B, n_kv, len, hd)
+        return self.k[layer][:, :, : self.lengths[layer]]
+
+    def values(self, layer: int) -> torch.Tensor:  # (B, n_kv, len, hd)
+        return self.v[layer][:, :, : self.lengths[layer]]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, old = k.shape[2], self.lengths[layer]
+        if self.k[layer] is None or old + n > self.k[layer].shape[2]:
+            self._reserve(layer, k, max(2 * (old + n), 64))
+        self.k[layer][:, :, old : old + n] = k
+        self.v[layer][:, :, old : old + n] = v
+        self.lengths[layer] = old + n
+        return self.keys(layer), self.values(layer)
+
+    def set_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, room: int = 64) -> None:
+        """Replace a layer's contents (e.g. with its compressed K/V), leaving `room` free slots."""
+        self.k[layer] = self.v[layer] = None
+        self.lengths[layer] = 0
+        self._reserve(layer, k, k.shape[2] + room)
+        self.append(layer, k, v)
+
+    def _reserve(self, layer: int, like: torch.Tensor, capacity: int) -> None:
+        B, n_kv, _, hd = like.shape
+        new_k = like.new_empty(B, n_kv, capacity, hd)
+        new_v = like.new_empty(B, n_kv, capacity, hd)
+        if self.k[layer] is not None:
+            n = self.lengths[layer]
+            new_k[:, :, :n], new_v[:, :, :n] = self.keys(layer), self.values(layer)
+        self.k[layer], self.v[layer] = new_k, new_v
+
+    def clone(self) -> "KVCache":
+        other = KVCache(len(self.lengths))
+        for layer in range(len(self.lengths)):
+            if self.k[layer] is not None:
+                other.set_layer(layer, self.keys(layer), self.values(layer))
+        other.next_pos = self.next_pos
+        return other
+
+    def nbytes(self) -> int:
+        """Bytes of the valid K and V entries (not the spare capacity)."""
+        return sum(2 * self.keys(l).numel() * self.keys(l).element_size() for l in range(len(self.lengths)) if self.k[l] is not None)
+
+
+# -----------------------------------------------------------------------------
+# Forward, prefill, decode, generation
+
+Observe = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, q (B,nh,C,hd), k_all (B,n_kv,L,hd))
+
+
+@torch.no_grad()
+def forward(model: Transformer, tokens: torch.Tensor, cache: KVCache, observe: Observe | None = None,
+            last_only: bool = False) -> torch.Tensor:
+    """Run N new tokens (B, N) on top of `cache` (appending to it). Returns logits (B, N, V), or (B, V) if last_only."""
+    B, N = tokens.shape
+    positions = torch.arange(cache.next_pos, cache.next_pos + N, device=tokens.device)
+    cos, sin = rope_cos_sin(model.inv_freq, positions)  # (N, hd) each
+    x = model.embed_tokens(tokens)  # (B, N, dim)
+    for layer, block in enumerate(model.layers):
+        x = block(x, cos, sin, cache, layer, observe)
+    cache.next_pos += N
+    x = model.norm(x[:, -1] if last_only else x)
+    return model.lm_head(x).float()
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, chunk_size: int = 512,
+            observe: Observe | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Full causal attention over the prompt (B, T), in chunks so no T x T matrix is ever built.
+
+    Returns the last position's logits (B, V) and the full cache."""
+    cache = KVCache(model.cfg.n_layers)
+    for start in range(0, tokens.shape[1], chunk_size):
+        logits = forward(model, tokens[:, start : start + chunk_size], cache, observe, last_only=True)
+    return logits, cache
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """token: (B, 1) -> logits (B, V). The cache grows by one in every layer."""
+    return forward(model, token, cache, last_only=True)
+
+
+def generate(model: Transformer, cache: KVCache, last_logits: torch.Tensor, max_new_tokens: int,
+             stop_ids: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding for one sequence, from the prefill's last logits (1, V). Generated tokens are never evicted."""
+    out: list[int] = []
+    token = last_logits.argmax(-1, keepdim=True)  # (1, 1)
+    for _ in range(max_new_tokens):
+        out.append(token.item())
+        if out[-1] in stop_ids or len(out) == max_new_tokens:
+            break
+        token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line: python model.py --chat --prompt "What is the capital of France?"
+
+
+def default_model_dir() -> Path:
+    from convert_gguf import ensure_model  # the embedded default: converted from its PyPI package on first use
+
+    return ensure_model("smollm2")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Greedy generation with the from-scratch model.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args()
+    model_dir = args.model or default_model_dir()
+    model = load_model(model_dir, args.device, getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(model_dir)
+    text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids], device=args.device)
+    t0 = time.perf_counter()
+    logits, cache = prefill(model, ids)
+    t1 = time.perf_counter()
+    stops = stop_token_ids(model_dir, tokenizer)
+    out = generate(model, cache, logits, args.max_new_tokens, stops)
+    t2 = time.perf_counter()
+    print(tokenizer.decode([t for t in out if t not in stops]))
+    print(f"\n[{ids.shape[1]} prompt tokens: {ids.shape[1] / (t1 - t0):.0f} tok/s prefill; "
+          f"{len(out)} new tokens: {len(out) / (t2 - t1):.1f} tok/s decode]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""model.py against transformers on tiny random configs, plus the cache semantics and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def tiny_hf(kind: str, tmp_path: Path):
+    """A random tiny HF model of one family, saved as a checkpoint folder."""
+    torch.manual_seed(0)
+    if kind == "llama31":  # Llama-3.1 RoPE scaling, untied embeddings, rope_theta like the real one
+        cfg = transformers.LlamaConfig(**TINY, rope_scaling=LLAMA3_SCALING | {"rope_theta": 500000.0},
+                                       rope_theta=500000.0, tie_word_embeddings=False)
+        hf = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":  # q/k/v biases
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
+        with torch.no_grad():  # random init leaves biases at zero: make them matter
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_()
+    elif kind == "qwen3":  # per-head q/k RMSNorm, head_dim not tied to hidden size
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=True))
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    else:
+        raise ValueError(kind)
+    hf.eval().save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["llama31", "qwen2", "qwen3"])
+def test_logits_match_transformers(kind, tmp_path):
+    hf = tiny_hf(kind, tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 300))  # 300 > original context 64: exercises llama3 scaling
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = M.forward(ours, ids, M.KVCache(ours.cfg.n_layers))
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama31", "qwen3"])
+def test_greedy_generation_matches_transformers(kind, tmp_path):
+    hf = tiny_hf(kind, tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40))
+    expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 40:].tolist()
+    logits, cache = M.prefill(ours, ids, chunk_size=16)
+    assert M.generate(ours, cache, logits, 20) == expected
+
+
+def test_prefill_then_decode_equals_one_forward(tmp_path):
+    tiny_hf("qwen3", tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 57))
+    full = M.forward(ours, ids, M.KVCache(ours.cfg.n_layers))  # (1, 57, V)
+    logits, cache = M.prefill(ours, ids[:, :50], chunk_size=16)
+    assert torch.allclose(logits, full[:, 49], atol=1e-5)
+    for t in range(50, 57):
+        step = M.decode_one_token(ours, ids[:, t : t + 1], cache)
+        assert torch.allclose(step, full[:, t], atol=1e-5)
+    assert cache.next_pos == 57 and cache.lengths == [57] * 3
+
+
+def test_chunked_prefill_equals_unchunked(tmp_path):
+    tiny_hf("llama31", tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 100))
+    one, cache_one = M.prefill(ours, ids, chunk_size=1000)
+    many, cache_many = M.prefill(ours, ids, chunk_size=7)
+    assert torch.allclose(one, many, atol=1e-5)
+    for layer in range(3):
+        assert torch.allclose(cache_one.keys(layer), cache_many.keys(layer), atol=1e-5)
+
+
+def test_observe_sees_post_rope_chunk_queries_and_all_keys(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    ours = M.load_model(tmp_path)
+    seen = []
+    M.prefill(ours, torch.randint(0, 97, (1, 20)), chunk_size=8,
+              observe=lambda layer, q, k_all: seen.append((layer, q.shape[2], k_all.shape[2])))
+    assert [s for s in seen if s[0] == 0] == [(0, 8, 8), (0, 8, 16), (0, 4, 20)]
+    assert len(seen) == 3 * 3
+
+
+def test_positions_continue_from_prompt_length_after_eviction(tmp_path):
+    """Dropping cache entries must not shift the position of the tokens that follow."""
+    tiny_hf("llama31", tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, 97, (1, 30))
+    _, cache = M.prefill(ours, ids)
+    for layer in range(3):  # evict the first 10 tokens in every layer
+        cache.set_layer(layer, cache.keys(layer)[:, :, 10:], cache.values(layer)[:, :, 10:])
+    wrong = cache.clone()
+    wrong.next_pos = 20  # the bug this guards against: positions taken from the compressed length
+    nxt = torch.tensor([[5]])
+    got = M.decode_one_token(ours, nxt, cache)
+    assert cache.next_pos == 31 and cache.lengths == [21] * 3
+    assert not torch.allclose(M.decode_one_token(ours, nxt, wrong), got)
+    # the new key was rotated by position 30: un-rotating it by 30 gives the plain projected key
+    layer0 = ours.layers[0].self_attn
+    x = ours.layers[0].input_layernorm(ours.embed_tokens(nxt))
+    plain = layer0.k_proj(x).view(1, 1, 2, -1).transpose(1, 2)
+    cos, sin = M.rope_cos_sin(ours.inv_freq, torch.tensor([30]))
+    assert torch.allclose(cache.keys(0)[:, :, -1:], M.apply_rope(plain, cos, sin), atol=1e-6)
+
+
+def test_clone_is_independent(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    ours = M.load_model(tmp_path)
+    _, cache = M.prefill(ours, torch.randint(0, 97, (1, 12)))
+    copy = cache.clone()
+    M.decode_one_token(ours, torch.tensor([[1]]), copy)
+    assert cache.lengths == [12] * 3 and copy.lengths == [13] * 3
+    assert torch.equal(cache.keys(2), copy.keys(2)[:, :, :12])
+
+
+# --- bad input: clear errors that name the problem -------------------------------------------
+
+
+def test_unknown_model_type(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        M.load_model(tmp_path)
+
+
+def test_unsupported_rope_scaling(tmp_path):
+    tiny_hf("llama31", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        M.load_model(tmp_path)
+
+
+def test_missing_tensor(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): layers.1.mlp.up_proj.weight"):
+        M.load_model(tmp_path)
+
+
+def test_wrong_shape(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layers.2.self_attn.k_proj.weight has shape \(3, 64\), expected \(32, 64\)"):
+        M.load_model(tmp_path)
+
+
+def test_unexpected_tensor(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\): layers.0.extra.weight"):
+        M.load_model(tmp_path)
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
+        M.load_tokenizer(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    tiny_hf("qwen2", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load_model(tmp_path)
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = tiny_hf("qwen2", tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, b = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "sharded")
+    ids = torch.randint(0, 97, (1, 10))
+    assert torch.equal(M.forward(a, ids, M.KVCache(3)), M.forward(b, ids, M.KVCache(3)))

@@ -1,0 +1,287 @@
+"""Tests for policies.py: every scorer against a slow, obviously-correct reference
+(pure-Python loops over .tolist() values, float64), plus property tests on selection."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import policies as P  # noqa: E402
+
+B, NH, NKV, HD = 2, 6, 2, 8  # GQA: 3 query heads per KV head
+G = NH // NKV
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------- slow references
+
+def ref_attention_rows(q, keys):
+    """q (B, nh, C, hd), keys (B, n_kv, L, hd) -> nested list [b][h][i][j] of causal
+    attention probabilities; query i sits at position L-C+i; head h reads KV head h // g."""
+    q, k = q.tolist(), keys.tolist()
+    Bq, nh, C, hd = len(q), len(q[0]), len(q[0][0]), len(q[0][0][0])
+    n_kv, L = len(k[0]), len(k[0][0])
+    g = nh // n_kv
+    out = []
+    for b in range(Bq):
+        heads = []
+        for h in range(nh):
+            rows = []
+            for i in range(C):
+                pos = L - C + i
+                logits = [sum(q[b][h][i][d] * k[b][h // g][j][d] for d in range(hd)) / math.sqrt(hd)
+                          for j in range(pos + 1)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                z = sum(e)
+                rows.append([x / z for x in e] + [0.0] * (L - pos - 1))
+            heads.append(rows)
+        out.append(heads)
+    return out
+
+
+def ref_sum_queries(rows):
+    """[b][h][i][j] -> [b][h][j], summed over queries i."""
+    return [[[sum(r[j] for r in hrows) for j in range(len(hrows[0]))] for hrows in brows]
+            for brows in rows]
+
+
+def ref_aggregate(s, n_kv, how="mean"):
+    """[b][h][t] -> [b][kv][t] over query heads kv*g .. kv*g+g-1."""
+    g = len(s[0]) // n_kv
+    out = []
+    for b in range(len(s)):
+        heads = []
+        for kv in range(n_kv):
+            group = [s[b][h] for h in range(kv * g, (kv + 1) * g)]
+            if how == "mean":
+                heads.append([sum(r[t] for r in group) / g for t in range(len(group[0]))])
+            else:
+                heads.append([max(r[t] for r in group) for t in range(len(group[0]))])
+        out.append(heads)
+    return out
+
+
+def ref_pool(row, kernel, mode):
+    """Same-length 1-D pooling, stride 1; avg divides by `kernel` (zero padding counted)."""
+    r, n = kernel // 2, len(row)
+    out = []
+    for i in range(n):
+        nb = [row[j] for j in range(i - r, i + r + 1) if 0 <= j < n]
+        out.append(max(nb) if mode == "max" else sum(nb) / kernel)
+    return out
+
+
+def close(t, ref, tol=1e-5):
+    torch.testing.assert_close(t.double(), torch.tensor(ref, dtype=torch.float64), atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------- attention stats
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_aggregate_heads(how):
+    s = rand(B, NH, 11)
+    close(P.aggregate_heads(s, NKV, how), ref_aggregate(s.tolist(), NKV, how))
+
+
+def test_aggregate_heads_matches_repeat_interleave_grouping():
+    # a score that is the KV head id, expanded the way LLaMA/Qwen expand K/V to query heads
+    kv_ids = torch.arange(NKV, dtype=torch.float32).view(1, NKV, 1).expand(B, NKV, 5)
+    per_q = kv_ids.repeat_interleave(G, dim=1)  # (B, nh, 5)
+    assert torch.equal(P.aggregate_heads(per_q, NKV, "max"), kv_ids)
+    with pytest.raises(ValueError):
+        P.aggregate_heads(rand(B, 5, 4), 2)
+
+
+def test_window_attention_matches_reference():
+    T, W = 13, 4
+    q, k = rand(B, NH, W, HD, seed=1), rand(B, NKV, T, HD, seed=2)
+    attn = P.window_attention(q, k)
+    assert attn.shape == (B, NH, W, T) and attn.dtype == torch.float32
+    close(attn, ref_attention_rows(q, k))
+
+
+def test_window_attention_low_precision_input():
+    q, k = rand(1, NH, 3, HD).bfloat16(), rand(1, NKV, 9, HD).bfloat16()
+    attn = P.window_attention(q, k)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, NH, 3))
+
+
+@pytest.mark.parametrize("chunks", [[20], [7, 7, 6], [1] * 20, [3, 16, 1]])
+def test_column_sums_over_chunks_equal_full_causal(chunks):
+    T = sum(chunks)
+    q_all, k_all = rand(B, NH, T, HD, seed=3), rand(B, NKV, T, HD, seed=4)
+    running, L = None, 0
+    for C in chunks:
+        L += C  # the chunk's queries are the last C of the L cached tokens
+        part = P.attention_column_sums(q_all[:, :, L - C:L], k_all[:, :, :L])
+        assert part.shape == (B, NH, L)
+        running = P.accumulate_column_sums(running, part)
+    full = ref_sum_queries(ref_attention_rows(q_all, k_all))  # naive T x T causal
+    close(running, full)
+    torch.testing.assert_close(running.sum(-1), torch.full((B, NH), float(T)))  # each query sums to 1
+
+
+def test_accumulate_rejects_shrinking():
+    with pytest.raises(ValueError):
+        P.accumulate_column_sums(torch.zeros(1, 2, 5), torch.zeros(1, 2, 4))
+
+
+# ----------------------------------------------------------------------- scorers
+
+@pytest.mark.parametrize("T,sinks", [(12, 4), (12, 0), (3, 4), (10, 10)])
+def test_streamingllm_order(T, sinks):
+    s = P.streamingllm_scores(rand(B, NKV, T, HD), sinks=sinks)
+    assert s.shape == (B, NKV, T)
+    row = s[1, 1].tolist()
+    for i in range(T):
+        for j in range(i + 1, T):
+            if i < sinks <= j:
+                assert row[i] > row[j]  # a sink beats any non-sink
+            elif j >= sinks:
+                assert row[j] > row[i]  # among non-sinks, more recent wins
+    assert torch.equal(s[0, 0], s[1, 1])  # same for every head
+
+
+@pytest.mark.parametrize("agg", ["mean", "max"])
+def test_h2o_scores(agg):
+    attn_sum = rand(B, NH, 15).abs()
+    close(P.h2o_scores(attn_sum, NKV, agg=agg), ref_aggregate(attn_sum.tolist(), NKV, agg))
+
+
+def ref_snapkv(q, k, kernel, pooling, agg):
+    W, T = q.shape[2], k.shape[2]
+    summed = ref_sum_queries(ref_attention_rows(q, k))  # [b][h][t]
+    pooled = [[ref_pool(row[: T - W], kernel, pooling) + row[T - W:] for row in hs] for hs in summed]
+    return ref_aggregate(pooled, k.shape[1], agg)
+
+
+@pytest.mark.parametrize("kernel,pooling,agg,T,W",
+                         [(7, "max", "mean", 17, 4), (7, "avg", "mean", 17, 4), (3, "max", "max", 9, 3),
+                          (1, "avg", "mean", 8, 2), (5, "avg", "max", 6, 6), (7, "max", "mean", 8, 5)])
+def test_snapkv_scores(kernel, pooling, agg, T, W):
+    q, k = rand(B, NH, W, HD, seed=5), rand(B, NKV, T, HD, seed=6)
+    s = P.snapkv_scores(q, k, kernel=kernel, pooling=pooling, agg=agg)
+    assert s.shape == (B, NKV, T)
+    close(s, ref_snapkv(q, k, kernel, pooling, agg))
+
+
+def test_snapkv_rejects_bad_args():
+    q, k = rand(1, NH, 2, HD), rand(1, NKV, 8, HD)
+    with pytest.raises(ValueError):
+        P.snapkv_scores(q, k, kernel=4)
+    with pytest.raises(ValueError):
+        P.snapkv_scores(q, k, pooling="median")
+
+
+@pytest.mark.parametrize("agg", ["mean", "max"])
+def test_tova_scores(agg):
+    q, k = rand(B, NH, 5, HD, seed=7), rand(B, NKV, 14, HD, seed=8)
+    last = ref_attention_rows(q[:, :, -1:], k)  # only the last query, at position T-1
+    ref = ref_aggregate([[rows[0] for rows in hs] for hs in last], NKV, agg)
+    close(P.tova_scores(q, k, agg=agg), ref)
+
+
+def test_knorm_scores():
+    k = rand(B, NKV, 10, HD)
+    ref = [[[-math.sqrt(sum(x * x for x in vec)) for vec in head] for head in b] for b in k.tolist()]
+    close(P.knorm_scores(k), ref)
+
+
+def test_random_scores_reproducible():
+    k = rand(B, NKV, 30, HD)
+    a, b, c = P.random_scores(k, seed=3), P.random_scores(k, seed=3), P.random_scores(k, seed=4)
+    assert a.shape == (B, NKV, 30) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() < 1
+
+
+def test_score_tokens_dispatch():
+    T, W = 12, 4
+    k, q, s = rand(B, NKV, T, HD), rand(B, NH, W, HD), rand(B, NH, T).abs()
+    assert set(P.SCORERS) == set(P.POLICY_NAMES)
+    assert torch.equal(P.score_tokens("snapkv", k, q, s, kernel=3), P.snapkv_scores(q, k, kernel=3))
+    assert torch.equal(P.score_tokens("tova", k, q, s), P.tova_scores(q, k))
+    assert torch.equal(P.score_tokens("h2o", k, q, s, agg="max"), P.h2o_scores(s, NKV, agg="max"))
+    assert torch.equal(P.score_tokens("streamingllm", k, sinks=2), P.streamingllm_scores(k, sinks=2))
+    assert torch.equal(P.score_tokens("knorm", k), P.knorm_scores(k))
+    assert torch.equal(P.score_tokens("random", k, seed=9), P.random_scores(k, seed=9))
+    with pytest.raises(ValueError):
+        P.score_tokens("oracle", k)
+
+
+# --------------------------------------------------------------------- selection
+
+sel_cases = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 60),
+                      st.integers(0, 70), st.integers(0, 40), st.integers(0, 2**16))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(sel_cases)
+def test_select_indices_properties(case):
+    b, n_kv, T, budget, window, seed = case
+    scores = rand(b, n_kv, T, seed=seed)
+    w = min(window, T)
+    if T > budget and budget < w:
+        with pytest.raises(ValueError):
+            P.select_indices(scores, budget, window)
+        return
+    idx = P.select_indices(scores, budget, window)
+    k = min(budget, T)
+    assert idx.shape == (b, n_kv, k) and idx.dtype == torch.int64
+    for row, srow in zip(idx.reshape(b * n_kv, k).tolist(), scores.reshape(b * n_kv, T).tolist()):
+        assert row == sorted(set(row))  # unique and ascending
+        assert all(0 <= i < T for i in row)
+        assert set(range(T - w, T)) <= set(row)  # window always kept
+        kept = [srow[i] for i in row if i < T - w]
+        dropped = [srow[i] for i in range(T - w) if i not in set(row)]
+        if kept and dropped:
+            assert min(kept) >= max(dropped)  # the rest is the top of the prefix
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(st.integers(1, 80), st.integers(0, 8), st.integers(0, 16), st.integers(0, 40))
+def test_streamingllm_selection_keeps_sinks_and_recent(T, sinks, window, extra):
+    budget = min(window, T) + min(sinks, T) + extra
+    idx = P.select_indices(P.streamingllm_scores(rand(1, NKV, T, HD), sinks=sinks), budget, window)
+    k = min(budget, T)
+    expected = sorted(set(range(min(sinks, T))) | set(range(T - (k - min(sinks, T)), T)))
+    assert idx[0, 0].tolist() == expected and idx[0, 1].tolist() == expected
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(st.integers(1, 40), st.integers(0, 30), st.integers(0, 50))
+def test_budget_at_least_T_keeps_everything(T, extra, window):
+    keys, values = rand(B, NKV, T, HD, seed=1), rand(B, NKV, T, HD, seed=2)
+    idx = P.select_indices(P.knorm_scores(keys), T + extra, window)
+    assert torch.equal(idx, torch.arange(T).expand(B, NKV, T))
+    k2, v2 = P.gather_kv(keys, values, idx)
+    assert torch.equal(k2, keys) and torch.equal(v2, values)
+
+
+def test_gather_kv_per_head_positions():
+    keys, values = rand(B, NKV, 10, HD, seed=1), rand(B, NKV, 10, HD, seed=2)
+    idx = P.select_indices(P.random_scores(keys), budget=6, window=2)
+    k2, v2 = P.gather_kv(keys, values, idx)
+    assert k2.shape == v2.shape == (B, NKV, 6, HD)
+    for b in range(B):
+        for h in range(NKV):
+            for n, t in enumerate(idx[b, h].tolist()):
+                assert torch.equal(k2[b, h, n], keys[b, h, t]) and torch.equal(v2[b, h, n], values[b, h, t])
+
+
+def test_budget_below_window_error_message():
+    with pytest.raises(ValueError, match=r"budget \(16\) must be >= window \(32\)"):
+        P.select_indices(torch.zeros(1, 2, 100), budget=16, window=32)
+    # the window is clipped to T (message names the clipped window) ...
+    with pytest.raises(ValueError, match=r"budget \(16\) must be >= window \(20\)"):
+        P.select_indices(torch.zeros(1, 2, 20), budget=16, window=32)
+    # ... and a prompt no longer than the budget is never compressed
+    assert torch.equal(P.select_indices(torch.zeros(1, 2, 10), budget=16, window=32),
+                       torch.arange(10).expand(1, 2, 10))

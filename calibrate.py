@@ -1,0 +1,340 @@
+"""
+PolyKV offline calibration: choose every layer's policy (routing) and budget
+(allocation) under a fixed total, judged end to end, and freeze them into a plan.
+
+    python calibrate.py --budget 512 [--budgets 128 256 512 1024] [--model DIR] [--data-dir DIR]
+
+What it does, per DESIGN.md ("PolyKV calibration"):
+1. Reference: prefill each calibration prompt once and generate its FullKV greedy
+   continuation; FullKV's next-token distributions over it are the target.
+2. Objective: mean KL(full || compressed) over the continuation, teacher-forced on
+   a compressed copy of the one prefill, with EVERY layer compressed by the plan.
+   (A per-layer proxy misranked the policies on this model; see DESIGN.md.)
+3. Sensitivity: the objective with only layer l compressed, at a small budget.
+4. Search: coordinate descent from the best uniform policy, most sensitive layers
+   first, trying other policies (routing) and moving budget quanta between layers
+   (allocation), keeping a change only if the objective drops.
+5. Validation: held-out calibration samples score the plan next to the best uniform.
+Calibration samples are never evaluation samples: the split is longbench.dataset_split,
+and every id used here is written into the plan, which longbench_eval.py excludes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import longbench as LB
+import model as M
+import polykv as K
+
+ROOT = Path(__file__).resolve().parent
+CANDIDATES = ("h2o", "snapkv", "tova", "streamingllm", "knorm")  # random is the floor, not a candidate
+
+# -----------------------------------------------------------------------------
+# Calibration samples and their FullKV reference
+
+
+@dataclass
+class Reference:
+    """One calibration prompt, prefilled once: everything a plan's objective needs."""
+    sample_id: str
+    cache: M.KVCache  # the full prefill, never modified
+    stats: K.PrefillStats
+    continuation: torch.Tensor  # (N,) FullKV greedy continuation
+    full_logprobs: torch.Tensor  # (N-1, V) FullKV teacher-forced log-probs
+    prefill_seconds: float
+
+
+def prompt_ids(sample: dict, task: str, template: str, tokenizer, max_length: int) -> list[int]:
+    """The LongBench prompt: template, middle truncation of the raw prompt, then the chat format."""
+    ids = tokenizer.encode(LB.build_prompt(sample, template), add_special_tokens=False).ids
+    text = tokenizer.decode(LB.truncate_middle(ids, max_length))
+    if LB.use_chat_template(task):
+        text = M.chat_prompt(tokenizer, text)
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int) -> Reference:
+    tokens = torch.tensor([ids], device=model.embed_tokens.weight.device)
+    t0 = time.perf_counter()
+    logits, cache, stats = K.prefill_with_stats(model, tokens, window)
+    seconds = time.perf_counter() - t0
+    continuation = torch.tensor(M.generate(model, cache.clone(), logits, n_continuation, stop_ids), device=tokens.device)
+    full = K.teacher_forced_logprobs(model, cache.clone(), continuation)
+    return Reference(sample_id, cache, stats, continuation, full, seconds)
+
+
+def plan_kl(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> float:
+    """The calibration objective: mean continuation KL over samples with every layer compressed."""
+    plan = K.Plan(policies, budgets, settings=settings)
+    return sum(K.continuation_kl(r.full_logprobs, model, K.apply_plan(r.cache, r.stats, plan, room=len(r.continuation)),
+                                 r.continuation) for r in refs) / len(refs)
+
+
+# -----------------------------------------------------------------------------
+# The search: generic over the objective, so it can be tested on a synthetic one
+
+Objective = Callable[[list[str], list[int]], float]
+
+
+def layer_sensitivity(objective: Objective, n_layers: int, policy: str, budget: int, full_budget: int) -> list[float]:
+    """KL with only layer l compressed (to `budget` with `policy`); every other layer keeps everything."""
+    sens = []
+    for layer in tqdm(range(n_layers), desc="sensitivity", leave=False):
+        budgets = [full_budget] * n_layers
+        budgets[layer] = budget
+        sens.append(objective([policy] * n_layers, budgets))
+    return sens
+
+
+def search(objective: Objective, policies: list[str], budgets: list[int], order: list[int], *, route: bool,
+           allocate: bool, candidates=CANDIDATES, quantum: int = 32, low: int = 32, high: int = 4096,
+           max_evals: int = 200, max_sweeps: int = 3) -> tuple[list[str], list[int], float, list[dict]]:
+    """Coordinate descent over layers in `order` (most sensitive first).
+
+    Routing tries every candidate policy for the layer; allocation moves one quantum
+    into the layer from the least sensitive layer that can give (last in `order`),
+    and out of it to the most sensitive one that can take. A change is kept only if
+    the objective drops, so the result is never worse than the start."""
+    best = objective(policies, budgets)
+    trace = [{"step": "start", "kl": best}]
+    evals = 1
+
+    def consider(new_policies, new_budgets, what) -> bool:
+        nonlocal best, policies, budgets, evals
+        if evals >= max_evals:
+            return False
+        evals += 1
+        kl = objective(new_policies, new_budgets)
+        if kl < best:
+            best, policies, budgets = kl, new_policies, new_budgets
+            trace.append({"step": what, "kl": kl})
+            return True
+        return False
+
+    for sweep in range(max_sweeps):
+        changed = False
+        for layer in order:
+            if route:
+                for policy in candidates:
+                    if policy != policies[layer]:
+                        changed |= consider(K.reroute(policies, layer, policy), budgets, f"layer {layer} -> {policy}")
+            if allocate:
+                donor = next((l for l in reversed(order) if K.move_budget(budgets, l, layer, quantum, low, high)), None)
+                if donor is not None and consider(policies, K.move_budget(budgets, donor, layer, quantum, low, high),
+                                                  f"+{quantum} to layer {layer} from {donor}"):
+                    changed = True
+                    continue
+                taker = next((l for l in order if K.move_budget(budgets, layer, l, quantum, low, high)), None)
+                if taker is not None:
+                    changed |= consider(policies, K.move_budget(budgets, layer, taker, quantum, low, high),
+                                        f"-{quantum} from layer {layer} to {taker}")
+        if not changed or evals >= max_evals:
+            break
+    trace.append({"step": "end", "kl": best, "evaluations": evals})
+    return policies, budgets, best, trace
+
+
+# -----------------------------------------------------------------------------
+# One calibration run: all stages for one target budget
+
+
+def calibrate_budget(model, refs, val_refs, average: int, settings: K.Settings, model_name: str, ids: dict,
+                     max_evals: int, quantum: int, sens_budget: int | None = None) -> tuple[dict[str, K.Plan], dict]:
+    n = model.cfg.n_layers
+    full_budget = max(r.cache.lengths[0] for r in refs)
+    objective = lambda p, b: plan_kl(model, refs, p, b, settings)  # noqa: E731
+    low, high = settings.window, max(4 * average, settings.window)
+
+    uniform = {p: objective([p] * n, [average] * n) for p in CANDIDATES}
+    print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
+    best_policy = min(uniform, key=uniform.get)
+    sens_budget = sens_budget or max(settings.window, average // 4)
+    sensitivity = layer_sensitivity(objective, n, best_policy, sens_budget, full_budget)
+    order = sorted(range(n), key=lambda l: -sensitivity[l])
+    print(f"[{average}] sensitivity ({best_policy}@{sens_budget}): top layers {order[:5]}, max/median "
+          f"{max(sensitivity) / max(sorted(sensitivity)[n // 2], 1e-12):.0f}x")
+
+    start_p, start_b = [best_policy] * n, [average] * n
+    seeded = K.sensitivity_budgets(sensitivity, average, low, high, quantum)
+    seeded_kl = objective(start_p, seeded)
+    alloc_start = seeded if seeded_kl < uniform[best_policy] else start_b
+    print(f"[{average}] sensitivity-seeded budgets: KL {seeded_kl:.4f} vs uniform {uniform[best_policy]:.4f}")
+
+    common = dict(quantum=quantum, low=low, high=high, max_evals=max_evals)
+    r_p, r_b, r_kl, r_trace = search(objective, start_p, start_b, order, route=True, allocate=False, **common)
+    print(f"[{average}] routing only: KL {r_kl:.4f}")
+    a_p, a_b, a_kl, a_trace = search(objective, start_p, alloc_start, order, route=False, allocate=True, **common)
+    print(f"[{average}] allocation only: KL {a_kl:.4f}")
+    # both: start from the best of the ablations and of their combination, then search both moves
+    starts = [(r_kl, r_p, r_b), (a_kl, a_p, a_b), (objective(r_p, a_b), r_p, a_b)]
+    _, s_p, s_b = min(starts, key=lambda s: s[0])
+    p_p, p_b, p_kl, p_trace = search(objective, s_p, s_b, order, route=True, allocate=True, **common)
+    print(f"[{average}] PolyKV (routing + allocation): KL {p_kl:.4f}")
+
+    val_objective = lambda p, b: plan_kl(model, val_refs, p, b, settings) if val_refs else float("nan")  # noqa: E731
+    results = {"polykv": (p_p, p_b, p_trace), "polykv_routing": (r_p, r_b, r_trace), "polykv_allocation": (a_p, a_b, a_trace)}
+    table = {"uniform_kl": uniform, "best_uniform": best_policy, "sensitivity_policy": best_policy,
+             "sensitivity_budget": sens_budget, "sensitivity": sensitivity,
+             "best_uniform_validation_kl": val_objective(start_p, start_b)}
+    plans = {}
+    for name, (pol, bud, trace) in results.items():
+        info = {"target_budget": average, **ids, "calibration": {
+            **table, "search_trace": trace, "in_sample_kl": trace[-1]["kl"], "validation_kl": val_objective(pol, bud),
+            "best_uniform_in_sample_kl": uniform[best_policy]}}
+        plans[name] = K.Plan(pol, bud, name=name, model=model_name, settings=settings, info=info)
+        print(f"[{average}] {name}: validation KL {info['calibration']['validation_kl']:.4f} "
+              f"(best uniform {best_policy}: {table['best_uniform_validation_kl']:.4f})")
+    return plans, table
+
+
+def plot_plan(plan: K.Plan, sensitivity: list[float], path: Path) -> None:
+    """Per-layer budget bars coloured by policy, with the layer sensitivity on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(CANDIDATES + ("random",), plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    layers = range(len(plan.budgets))
+    ax.bar(layers, plan.budgets, color=[colours[p] for p in plan.policies])
+    ax.set(xlabel="layer", ylabel="budget (tokens per KV head)",
+           title=f"{plan.name}: {plan.model}, average budget {plan.average_budget:.0f}")
+    for p in sorted(set(plan.policies)):
+        ax.bar(0, 0, color=colours[p], label=p)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(layers, sensitivity, "k.-", label="sensitivity (KL, only this layer compressed)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("layer sensitivity (KL)")
+    ax2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Samples, the cache of plans, and the command line
+
+
+def calibration_samples(data_dir: Path | None, n_per_task: int, seed: int):
+    """(tasks -> samples, prompts, calibration ids, the search/validation split). Synthetic without data."""
+    if data_dir is None:
+        by_task, prompts, _ = LB.synthetic_suite(n_per_task=n_per_task + 2, seed=seed, target_words=1200)
+    else:
+        prompts, _ = LB.load_config(data_dir)
+        by_task = {t: LB.load_task(data_dir, t) for t in LB.available_tasks(data_dir)}
+    calib_ids, _ = LB.dataset_split(by_task, n_per_task, seed)
+    calib = set(calib_ids)
+    # per task, the calibration samples alternate: search, validation, search, ...
+    search_ids, val_ids = [], []
+    for samples in by_task.values():
+        task_ids = {s["_id"] for s in samples}
+        mine = [i for i in calib_ids if i in task_ids]
+        search_ids += mine[0::2]
+        val_ids += mine[1::2]
+    lookup = {s["_id"]: (t, s) for t, ss in by_task.items() for s in ss if s["_id"] in calib}
+    return lookup, prompts, search_ids, val_ids
+
+
+def settings_key(model_dir: Path, args: dict) -> str:
+    """Plans are cached by model and every setting that changes them."""
+    return hashlib.sha256(json.dumps({"model": Path(model_dir).name, **args}, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | None, out_dir: Path,
+        max_length: int = 2048, n_per_task: int = 2, n_continuation: int = 32, max_evals: int = 150,
+        quantum: int = 32, seed: int = 0, settings: K.Settings | None = None) -> dict[int, dict[str, Path]]:
+    """Calibrate every budget from ONE set of prefills; write the plans and their PNGs; return their paths."""
+    settings = settings or K.Settings()
+    model_name = Path(model_dir).name
+    lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, n_per_task, seed)
+    stop_ids = M.stop_token_ids(model_dir, tokenizer)
+    t0 = time.perf_counter()
+    refs, val_refs = [], []
+    for sid in tqdm(search_ids + val_ids, desc="prefill + FullKV reference"):
+        task, sample = lookup[sid]
+        ids = prompt_ids(sample, task, prompts[task], tokenizer, max_length)
+        (refs if sid in search_ids else val_refs).append(build_reference(model, ids, sid, n_continuation, stop_ids, settings.window))
+    prefill_seconds = sum(r.prefill_seconds for r in refs + val_refs)
+    ids = {"calibration_ids": search_ids, "validation_ids": val_ids,
+           "calibration_settings": {"max_length": max_length, "n_per_task": n_per_task, "n_continuation": n_continuation,
+                                    "max_evals": max_evals, "quantum": quantum, "seed": seed,
+                                    "data": str(data_dir) if data_dir else "synthetic"}}
+    paths: dict[int, dict[str, Path]] = {}
+    for average in budgets:
+        plans, table = calibrate_budget(model, refs, val_refs, average, settings, model_name, ids, max_evals, quantum)
+        paths[average] = {}
+        for name, plan in plans.items():
+            path = out_dir / f"budget{average}" / f"{name}.json"
+            K.save_plan(plan, path)
+            plot_plan(plan, table["sensitivity"], path.with_suffix(".png"))
+            paths[average][name] = path
+        routing = {p: plans["polykv"].policies.count(p) for p in CANDIDATES if p in plans["polykv"].policies}
+        print(f"[{average}] wrote {out_dir / f'budget{average}'}: routing {routing}, budgets "
+              f"{min(plans['polykv'].budgets)}..{max(plans['polykv'].budgets)}")
+    total = time.perf_counter() - t0
+    print(f"calibration took {total:.0f} s = {total / prefill_seconds:.1f}x the {prefill_seconds:.0f} s of prefilling "
+          f"its {len(refs) + len(val_refs)} samples")
+    return paths
+
+
+def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048, settings=None,
+                 root: Path = ROOT / "plans", **kw) -> dict[int, dict[str, Path]]:
+    """Plans for these budgets, calibrated on first use and cached by model and settings."""
+    settings = settings or K.Settings()
+    key = settings_key(model_dir, {"max_length": max_length, "settings": asdict(settings),
+                                   "data": str(data_dir) if data_dir else "synthetic", **kw})
+    out_dir = Path(root) / Path(model_dir).name / key
+    names = ("polykv", "polykv_routing", "polykv_allocation")
+    missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in names)]
+    if missing:
+        print(f"calibrating PolyKV for budgets {missing} (cached in {out_dir})")
+        run(model, tokenizer, model_dir, missing, data_dir, out_dir, max_length, settings=settings, **kw)
+    return {b: {n: out_dir / f"budget{b}" / f"{n}.json" for n in names} for b in budgets}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="PolyKV offline calibration -> plan JSON (+ PNG) per budget.")
+    p.add_argument("--budget", type=int, default=None, help="target average budget (tokens per KV head per layer)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data-dir", default=None, help="LongBench folder (default: $LONGBENCH_DIR, data/LongBench, else synthetic)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: plans/<model>/<settings hash>)")
+    p.add_argument("--max-length", type=int, default=2048, help="prompts are middle-truncated to this many tokens")
+    p.add_argument("--n-per-task", type=int, default=2, help="calibration samples per task (half search, half validation)")
+    p.add_argument("--n-continuation", type=int, default=32)
+    p.add_argument("--max-evals", type=int, default=150, help="objective evaluations per search")
+    p.add_argument("--quantum", type=int, default=32, help="tokens moved per allocation step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    budgets = args.budgets or [args.budget or 512]
+    model_dir = args.model or M.default_model_dir()
+    model = M.load_model(model_dir, args.device)
+    tokenizer = M.load_tokenizer(model_dir)
+    data_dir = LB.find_data_dir(args.data_dir, ROOT)
+    if data_dir is None:
+        print("NOTE: no LongBench folder found: calibrating on the built-in SYNTHETIC suite")
+    kw = dict(n_per_task=args.n_per_task, n_continuation=args.n_continuation, max_evals=args.max_evals,
+              quantum=args.quantum, seed=args.seed)
+    if args.out:
+        run(model, tokenizer, model_dir, budgets, data_dir, args.out, args.max_length, **kw)
+    else:
+        ensure_plans(model, tokenizer, model_dir, budgets, data_dir, args.max_length, **kw)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

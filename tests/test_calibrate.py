@@ -1,0 +1,95 @@
+"""Calibration: the search on constructed objectives, the end-to-end objective on the real model, a tiny full run."""
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+import calibrate as C
+import longbench as LB
+import model as M
+import polykv as K
+
+POLICIES = list(C.CANDIDATES)
+
+
+def separable_objective(best_policy: list[str], weight: list[float]):
+    """Layer l costs 1 unless it uses best_policy[l], plus weight[l] / budget[l] (more budget, less loss)."""
+    def objective(policies, budgets):
+        return sum((p != b) + w / n for p, b, w, n in zip(policies, best_policy, weight, budgets))
+    return objective
+
+
+def test_routing_finds_the_best_policy_of_each_layer():
+    best = ["h2o", "snapkv", "tova", "h2o", "knorm", "snapkv", "streamingllm", "tova"]
+    objective = separable_objective(best, [1.0] * 8)
+    policies, budgets, kl, trace = C.search(objective, ["h2o"] * 8, [128] * 8, list(range(8)),
+                                            route=True, allocate=False)
+    assert policies == best and budgets == [128] * 8
+    assert kl == pytest.approx(8 / 128)
+
+
+def test_allocation_moves_budget_to_the_sensitive_layers():
+    weight = [1, 1, 50, 1, 10, 1]
+    objective = separable_objective(["h2o"] * 6, weight)
+    order = sorted(range(6), key=lambda l: -weight[l])
+    policies, budgets, kl, _ = C.search(objective, ["h2o"] * 6, [128] * 6, order, route=False, allocate=True,
+                                        quantum=16, low=32, high=512, max_evals=1000, max_sweeps=50)
+    assert sum(budgets) == 6 * 128 and min(budgets) >= 32 and max(budgets) <= 512
+    assert budgets[2] > budgets[4] > budgets[0]
+    assert kl < objective(["h2o"] * 6, [128] * 6)
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.booleans(), st.booleans())
+def test_search_is_never_worse_than_its_start(seed, route, allocate):
+    rng = random.Random(seed)
+    n = 5
+    cost = [{p: rng.random() for p in POLICIES} for _ in range(n)]
+    scale = [rng.random() * 100 for _ in range(n)]
+    objective = lambda pol, bud: sum(cost[l][pol[l]] + scale[l] / bud[l] + rng.random() * 1e-3 for l in range(n))  # noqa: E731
+    start_p, start_b = [rng.choice(POLICIES) for _ in range(n)], [96] * n
+    start = objective(start_p, start_b)
+    policies, budgets, kl, trace = C.search(objective, start_p, start_b, list(range(n)), route=route, allocate=allocate,
+                                            quantum=32, low=32, high=256, max_evals=30)
+    assert kl <= trace[0]["kl"] and sum(budgets) == sum(start_b)
+    assert all(32 <= b <= 256 for b in budgets)
+    assert trace[0]["kl"] == pytest.approx(start, abs=1e-2)
+
+
+def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
+    """Zero when the budgets cover the prompt; grows as the budgets shrink."""
+    model, tokenizer = smollm2
+    sample = LB.synthetic_suite(1, seed=1, target_words=500)[0]["synthetic_passkey"][0]
+    ids = tokenizer.encode(M.chat_prompt(tokenizer, sample["context"] + "\n" + sample["input"]), add_special_tokens=False).ids
+    ref = C.build_reference(model, ids, "p", 16, M.stop_token_ids(smollm2_dir, tokenizer), window=32)
+    n, T = model.cfg.n_layers, len(ids)
+    kls = [C.plan_kl(model, [ref], ["snapkv"] * n, [b] * n, K.Settings()) for b in (T, 256, 64)]
+    assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
+
+
+def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path):
+    model, tokenizer = M.load_model(tiny_checkpoint), M.load_tokenizer(tiny_checkpoint)
+    paths = C.run(model, tokenizer, tiny_checkpoint, [64], data_dir=None, out_dir=tmp_path, max_length=200,
+                  n_per_task=2, n_continuation=6, max_evals=12)
+    assert set(paths[64]) == {"polykv", "polykv_routing", "polykv_allocation"}
+    for name, path in paths[64].items():
+        plan = K.load_plan(path, n_layers=2)
+        K.validate_plan(plan, 2, average=64)
+        assert path.with_suffix(".png").stat().st_size > 1000
+        cal = plan.info["calibration"]
+        assert cal["in_sample_kl"] <= cal["best_uniform_in_sample_kl"] + 1e-9
+        ids = plan.info["calibration_ids"] + plan.info["validation_ids"]
+        assert ids and not set(plan.info["calibration_ids"]) & set(plan.info["validation_ids"])
+        if name == "polykv_routing":
+            assert plan.budgets == [64, 64]
+        if name == "polykv_allocation":
+            assert len(set(plan.policies)) == 1
+    # the plan applies to a fresh prompt
+    tokens = torch.tensor([tokenizer.encode("hello " * 150).ids])
+    out = K.generate_with_plan(model, tokens, K.load_plan(paths[64]["polykv"]), 5)
+    assert len(out) == 5
+    # calibration ids are exactly the split's calibration side, never the evaluation side
+    by_task, _, _ = LB.synthetic_suite(n_per_task=4, seed=0, target_words=1200)
+    calib, evaluation = LB.dataset_split(by_task, 2, 0)
+    assert set(ids) == set(calib) and not set(ids) & set(evaluation)

@@ -49,6 +49,7 @@ class Reference:
     sample_id: str
     cache: M.KVCache  # the full prefill, never modified
     stats: K.PrefillStats
+    score_memo: dict  # (layer, policy) -> scores: computed once, reused by every candidate plan
     continuation: torch.Tensor  # (N,) FullKV greedy continuation
     full_logprobs: torch.Tensor  # (N-1, V) FullKV teacher-forced log-probs
     prefill_seconds: float
@@ -70,13 +71,13 @@ def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, 
     seconds = time.perf_counter() - t0
     continuation = torch.tensor(M.generate(model, cache.clone(), logits, n_continuation, stop_ids), device=tokens.device)
     full = K.teacher_forced_logprobs(model, cache.clone(), continuation)
-    return Reference(sample_id, cache, stats, continuation, full, seconds)
+    return Reference(sample_id, cache, stats, {}, continuation, full, seconds)
 
 
 def plan_kl(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> float:
     """The calibration objective: mean continuation KL over samples with every layer compressed."""
     plan = K.Plan(policies, budgets, settings=settings)
-    return sum(K.continuation_kl(r.full_logprobs, model, K.apply_plan(r.cache, r.stats, plan, room=len(r.continuation)),
+    return sum(K.continuation_kl(r.full_logprobs, model, K.apply_plan(r.cache, r.stats, plan, len(r.continuation), r.score_memo),
                                  r.continuation) for r in refs) / len(refs)
 
 

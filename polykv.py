@@ -169,20 +169,21 @@ def layer_scores(policy: str, keys: torch.Tensor, stats: PrefillStats, layer: in
     return P.score_tokens(policy, keys, stats.window_queries[layer], stats.attn_sum[layer], **hparams)
 
 
-def compress_layer(keys: torch.Tensor, values: torch.Tensor, policy: str, budget: int, stats: PrefillStats,
-                   layer: int, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep `budget` tokens per KV head; a prompt no longer than the budget is left whole."""
-    if keys.shape[2] <= budget:
-        return keys, values
-    scores = layer_scores(policy, keys, stats, layer, s)  # (B, n_kv, T)
-    return P.gather_kv(keys, values, P.select_indices(scores, budget, s.window))
+def apply_plan(cache: M.KVCache, stats: PrefillStats, plan: Plan, room: int = 64,
+               score_memo: dict | None = None) -> M.KVCache:
+    """A new compressed cache; the full cache is left untouched so other plans can reuse it.
 
-
-def apply_plan(cache: M.KVCache, stats: PrefillStats, plan: Plan, room: int = 64) -> M.KVCache:
-    """A new compressed cache; the full cache is left untouched so other plans can reuse it."""
+    A layer keeps `budget` tokens per KV head; a prompt no longer than its budget is left
+    whole. Scores do not depend on the budget, so a caller applying many plans to one
+    prefill (calibration) can pass a dict to memoize them per (layer, policy)."""
     out = M.KVCache(len(cache.lengths))
+    memo = {} if score_memo is None else score_memo
     for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
-        k, v = compress_layer(cache.keys(layer), cache.values(layer), policy, budget, stats, layer, plan.settings)
+        k, v = cache.keys(layer), cache.values(layer)  # (B, n_kv, T, hd)
+        if k.shape[2] > budget:
+            if (layer, policy) not in memo:
+                memo[layer, policy] = layer_scores(policy, k, stats, layer, plan.settings)  # (B, n_kv, T)
+            k, v = P.gather_kv(k, v, P.select_indices(memo[layer, policy], budget, plan.settings.window))
         out.set_layer(layer, k, v, room)
     out.next_pos = cache.next_pos  # generated tokens continue from the prompt length
     return out

@@ -53,3 +53,7 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
     save_file(tensors, out / "model.safetensors")
     (out / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (real Qwen2.5 weights via transformers)")

@@ -247,13 +247,16 @@ def calibration_samples(data_dir: Path | None, n_per_task: int, seed: int):
     return lookup, prompts, search_ids, val_ids
 
 
+CALIBRATION_DEFAULTS = dict(n_per_task=2, n_continuation=32, max_evals=100, quantum=32, seed=0)
+
+
 def settings_key(model_dir: Path, args: dict) -> str:
     """Plans are cached by model and every setting that changes them."""
     return hashlib.sha256(json.dumps({"model": Path(model_dir).name, **args}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | None, out_dir: Path,
-        max_length: int = 2048, n_per_task: int = 2, n_continuation: int = 32, max_evals: int = 150,
+        max_length: int = 2048, n_per_task: int = 2, n_continuation: int = 32, max_evals: int = 100,
         quantum: int = 32, seed: int = 0, settings: K.Settings | None = None) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of prefills; write the plans and their PNGs; return their paths."""
     settings = settings or K.Settings()
@@ -293,8 +296,10 @@ def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048
                  root: Path = ROOT / "plans", **kw) -> dict[int, dict[str, Path]]:
     """Plans for these budgets, calibrated on first use and cached by model and settings."""
     settings = settings or K.Settings()
+    # the key holds no path, so committed plans are found on any machine; evaluation excludes
+    # whatever ids a plan records, whichever LongBench folder it was calibrated on
     key = settings_key(model_dir, {"max_length": max_length, "settings": asdict(settings),
-                                   "data": str(data_dir) if data_dir else "synthetic", **kw})
+                                   "data": "longbench" if data_dir else "synthetic", **CALIBRATION_DEFAULTS, **kw})
     out_dir = Path(root) / Path(model_dir).name / key
     names = ("polykv", "polykv_routing", "polykv_allocation")
     missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in names)]
@@ -314,7 +319,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=2048, help="prompts are middle-truncated to this many tokens")
     p.add_argument("--n-per-task", type=int, default=2, help="calibration samples per task (half search, half validation)")
     p.add_argument("--n-continuation", type=int, default=32)
-    p.add_argument("--max-evals", type=int, default=150, help="objective evaluations per search")
+    p.add_argument("--max-evals", type=int, default=100, help="objective evaluations per search")
     p.add_argument("--quantum", type=int, default=32, help="tokens moved per allocation step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -46,7 +46,7 @@ def _task_dir(d: Path) -> Path | None:
 
 
 def find_data_dir(arg: str | None, project_root) -> Path | None:
-    """--data-dir, else $LONGBENCH_DIR, else <project>/data/LongBench. An explicit arg or env
+    """--data-dir, else $LONGBENCH_DIR, else <project>/data/LongBench, else ../shared/longbench. An explicit arg or env
     var that holds no task files is an error (silently going synthetic would mislead);
     a missing default returns None, and the caller then uses synthetic_suite()."""
     for source, value in (("--data-dir", arg), ("$LONGBENCH_DIR", os.environ.get("LONGBENCH_DIR"))):
@@ -56,7 +56,8 @@ def find_data_dir(arg: str | None, project_root) -> Path | None:
                 raise FileNotFoundError(f"{source}={value}: no LongBench <task>.jsonl files there "
                                         f"(nor in its data/ subfolder)")
             return found
-    return _task_dir(Path(project_root) / "data" / "LongBench")
+    # the project's own data folder, then the development subset laid beside the project
+    return _task_dir(Path(project_root) / "data" / "LongBench") or _task_dir(Path(project_root).parent / "shared" / "longbench")
 
 
 def available_tasks(data_dir) -> list[str]:

@@ -1,0 +1,237 @@
+"""longbench_eval.py end to end on a tiny random checkpoint and a tiny LongBench-format folder:
+outputs, resume, a 2-process gloo run equal to 1 process, calibration-id exclusion, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import longbench_eval as E  # noqa: E402
+import model as M  # noqa: E402
+import polykv as K  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+N_LAYERS = 3
+WORDS = "alpha beta gamma delta river stone cloud maple ember quartz willow harbor".split()
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: one token per byte, plus ChatML specials."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = byte_tokenizer()
+    tok.save(str(d / "tokenizer.json"))
+    hf = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=64,
+              num_hidden_layers=N_LAYERS, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
+              tie_word_embeddings=True, eos_token_id=tok.token_to_id("<|im_end|>"))
+    (d / "config.json").write_text(json.dumps(hf))
+    torch.manual_seed(0)
+    net = M.Transformer(M.Config.from_hf(hf))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    save_file({f"model.{k}": v.contiguous() for k, v in net.state_dict().items() if k != "lm_head.weight"},
+              str(d / "model.safetensors"))
+    return d
+
+
+def context(i: int, n_words: int = 90) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """2 tasks x 3 samples: hotpotqa (chat template, QA F1) and trec (raw prompt, classification)."""
+    d = tmp_path_factory.mktemp("longbench")
+    (d / "config").mkdir()
+    (d / "config" / "dataset2prompt.json").write_text(json.dumps({
+        "hotpotqa": "Answer the question.\n{context}\nQuestion: {input}\nAnswer:",
+        "trec": "Classify the question.\n{context}\n{input}"}))
+    (d / "config" / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 6, "trec": 5}))
+    for task, extra in (("hotpotqa", {}), ("trec", {"all_classes": ["Location", "Person", "Number"]})):
+        rows = [{"input": f"what is {WORDS[i]}?", "context": context(i), "answers": [WORDS[i]], "_id": f"{task}-{i}",
+                 "length": 90, "dataset": task, "language": "en", **extra} for i in range(3)]
+        (d / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def args(ckpt, data, out, *extra) -> list[str]:
+    return ["--model", str(ckpt), "--data-dir", str(data), "--out", str(out), "--max-length", "200",
+            "--limit", "2", *extra]
+
+
+def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert E.main(args(ckpt, data, out, "--methods", "h2o", "snapkv", "--budgets", "48", "64")) == 0
+    printed = capsys.readouterr().out
+    recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 * (1 + 2 * 2)  # 4 samples x (fullkv + 2 methods x 2 budgets)
+    assert {(r["method"], r["budget"]) for r in recs} == {("fullkv", None)} | {
+        (m, b) for m in ("h2o", "snapkv") for b in (48, 64)}
+    assert all(r["n_prompt_tokens"] > 64 for r in recs)  # long enough to be compressed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["hotpotqa", "trec"] and metrics["n_samples"] == 4
+    assert set(metrics["scores"]) == {"fullkv", "h2o", "snapkv"}
+    assert metrics["fidelity"]["fullkv"]["full"] == {"exact_match": 1.0, "prefix_agreement": 1.0}
+    assert set(metrics["scores"]["h2o"]) == {"48", "64"}
+    assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
+    assert "| h2o |" in printed and "saved" in printed
+    # the compressed caches really are smaller than the full one
+    kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == "hotpotqa-0"}
+    assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]
+
+    calls = []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or [])
+    before = (out / "predictions.jsonl").read_text()
+    assert E.main(args(ckpt, data, out, "--methods", "h2o", "snapkv", "--budgets", "48", "64")) == 0
+    assert calls == [] and (out / "predictions.jsonl").read_text() == before
+    assert json.loads((out / "metrics.json").read_text())["scores"] == metrics["scores"]
+
+
+def test_interrupted_run_resumes_only_missing(ckpt, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48")) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "predictions.jsonl").write_text("\n".join(lines[:-3]) + '\n{"torn')  # killed mid-write
+    real, calls = M.generate, []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48")) == 0
+    assert len(calls) == 3
+    untimed = lambda ls: sorted(json.dumps({k: v for k, v in json.loads(l).items() if "seconds" not in k})  # noqa: E731
+                                for l in ls)
+    assert untimed((out / "predictions.jsonl").read_text().splitlines()) == untimed(lines)
+    # resuming into a folder made with other settings is refused
+    assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48", "--max-length", "180")) == 2
+    assert "holds a run with different max_length" in capsys.readouterr().err
+
+
+def test_synthetic_fallback_says_so(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LONGBENCH_DIR", raising=False)
+    monkeypatch.setattr(E, "PROJECT", tmp_path)  # no data/LongBench there
+    out = tmp_path / "syn"
+    assert E.main(["--model", str(ckpt), "--out", str(out), "--max-length", "150", "--limit", "1",
+                   "--tasks", "synthetic_passkey", "--methods", "knorm", "--budget", "40"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["tasks"] == ["synthetic_passkey"]
+
+
+def save_plans(d: Path, model: str, calib_ids=(), val_ids=(), n_layers=N_LAYERS, budget=48) -> list[str]:
+    paths = []
+    for name, policies in (("polykv", ["h2o", "snapkv", "tova"]), ("polykv_routing", ["tova", "h2o", "snapkv"])):
+        budgets = [budget - 16, budget + 16] + [budget] * (n_layers - 2)
+        plan = K.Plan(policies[:n_layers] + ["h2o"] * (n_layers - 3), budgets, name=name, model=model,
+                      info={"calibration_ids": list(calib_ids), "validation_ids": list(val_ids)})
+        K.save_plan(plan, d / f"{name}.json")
+        paths.append(str(d / f"{name}.json"))
+    return paths
+
+
+def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, capsys):
+    plans = save_plans(tmp_path, ckpt.name, calib_ids=["hotpotqa-0"], val_ids=["trec-1"])
+    out = tmp_path / "run"
+    assert E.main(args(ckpt, data, out, "--plan", *plans, "--methods", "snapkv", "polykv", "polykv_routing")) == 0
+    assert "2 excluded" in capsys.readouterr().out
+    recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in recs} == {"hotpotqa-1", "hotpotqa-2", "trec-0", "trec-2"}  # next ones in file order
+    assert {r["budget"] for r in recs} == {None, 48}  # the budget comes from the plans
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["excluded_calibration_samples"] == 2
+    gap = metrics["gap_recovery"]["48"]["polykv"]
+    assert gap["best_baseline"] == "snapkv" and "fidelity" in gap
+    # asking explicitly for a calibration sample is refused
+    assert E.main(args(ckpt, data, tmp_path / "x", "--plan", *plans, "--ids", "hotpotqa-0", "trec-0")) == 2
+    assert "both calibration and evaluation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tasks", "hotpotqa", "gov_report"], "unknown task(s) gov_report; valid here: hotpotqa, trec"),
+    (["--budget", "16", "--methods", "h2o"], "smaller than the observation window 32"),
+    (["--methods", "polykv", "--plan", "PLACEHOLDER_OTHER_MODEL"], "plan is for model 'Llama-3.1-8B-Instruct'"),
+    (["--methods", "polykv", "--plan", "PLACEHOLDER_LAYERS"], "plan has 5 layers, model"),
+    (["--methods", "polykv", "--budget", "64", "--plan", "PLACEHOLDER_OK"], "no polykv plan for budget 64"),
+])
+def test_bad_input_is_a_clear_error(ckpt, data, tmp_path, capsys, extra, message):
+    other = save_plans(tmp_path / "other", "Llama-3.1-8B-Instruct")[0]
+    layers = save_plans(tmp_path / "layers", ckpt.name, n_layers=5)[0]
+    ok = save_plans(tmp_path / "ok", ckpt.name)[0]
+    extra = [{"PLACEHOLDER_OTHER_MODEL": other, "PLACEHOLDER_LAYERS": layers, "PLACEHOLDER_OK": ok}.get(x, x) for x in extra]
+    assert E.main(args(ckpt, data, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_unknown_method_lists_valid_ones(ckpt, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        E.main(args(ckpt, data, tmp_path / "out", "--methods", "h2o", "lru"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'lru'" in err and all(m in err for m in E.METHODS)
+
+
+def test_malformed_jsonl_names_file_and_line(ckpt, data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    (bad / "config").mkdir(parents=True)
+    for f in (data / "config").iterdir():
+        (bad / "config" / f.name).write_text(f.read_text())
+    lines = (data / "trec.jsonl").read_text().splitlines()
+    (bad / "trec.jsonl").write_text(lines[0] + "\n{not json\n")
+    assert E.main(args(ckpt, bad, tmp_path / "out")) == 2
+    assert "trec.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def run_cli(argv, nproc=1) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (torchrun for nproc > 1), its whole process group killed on timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc_per_node", str(nproc)]
+    proc = subprocess.Popen(launcher + [str(ROOT / "longbench_eval.py"), *argv], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_two_process_gloo_equals_one_process(ckpt, data, tmp_path):
+    extra = ["--methods", "streamingllm", "pyramidkv", "--budget", "48", "--limit", "3", "--max-length", "160"]
+    one = run_cli(args(ckpt, data, tmp_path / "one") + extra)
+    two = run_cli(args(ckpt, data, tmp_path / "two") + extra, nproc=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for key in ("scores", "fidelity", "gap_recovery", "n_samples", "tasks"):
+        assert m1[key] == m2[key]
+    assert not list((tmp_path / "two").glob("predictions.rank*.jsonl"))  # merged by rank 0
+    strip = lambda d: sorted((r["id"], r["method"], r["budget"], r["prediction"]) for r in  # noqa: E731
+                             map(json.loads, (tmp_path / d / "predictions.jsonl").read_text().splitlines()))
+    assert strip("one") == strip("two") and len(strip("one")) == 6 * 3
+
+
+def test_quick_default_skips_long_generation_tasks(ckpt, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(E, "QUICK_MAX_NEW", 5)  # hotpotqa generates 6 tokens, trec 5
+    out = tmp_path / "quick"
+    assert E.main(["--model", str(ckpt), "--data-dir", str(data), "--out", str(out), "--max-length", "200",
+                   "--methods", "knorm", "--budget", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping hotpotqa" in printed and "skipped hotpotqa" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["trec"] and metrics["n_samples"] == E.DEFAULT_LIMIT["longbench"]

@@ -55,15 +55,6 @@ class Reference:
     prefill_seconds: float
 
 
-def prompt_ids(sample: dict, task: str, template: str, tokenizer, max_length: int) -> list[int]:
-    """The LongBench prompt: template, middle truncation of the raw prompt, then the chat format."""
-    ids = tokenizer.encode(LB.build_prompt(sample, template), add_special_tokens=False).ids
-    text = tokenizer.decode(LB.truncate_middle(ids, max_length))
-    if LB.use_chat_template(task):
-        text = M.chat_prompt(tokenizer, text)
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
 def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int) -> Reference:
     tokens = torch.tensor([ids], device=model.embed_tokens.weight.device)
     t0 = time.perf_counter()
@@ -267,7 +258,7 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
     refs, val_refs = [], []
     for sid in tqdm(search_ids + val_ids, desc="prefill + FullKV reference"):
         task, sample = lookup[sid]
-        ids = prompt_ids(sample, task, prompts[task], tokenizer, max_length)
+        ids = LB.prompt_ids(tokenizer, sample, prompts[task], max_length)
         (refs if sid in search_ids else val_refs).append(build_reference(model, ids, sid, n_continuation, stop_ids, settings.window))
     prefill_seconds = sum(r.prefill_seconds for r in refs + val_refs)
     ids = {"calibration_ids": search_ids, "validation_ids": val_ids,

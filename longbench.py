@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from rouge import Rouge
+
+import model as M  # the model family's chat format
 with warnings.catch_warnings():
     # Without python-Levenshtein, fuzzywuzzy warns once and uses difflib.SequenceMatcher.
     # LongBench does not require python-Levenshtein, so difflib is the expected backend.
@@ -130,6 +132,20 @@ def truncate_middle(token_ids: list[int], max_length: int) -> list[int]:
 def use_chat_template(task: str) -> bool:
     """pred.py wraps prompts in the chat template except on few-shot and code tasks."""
     return task not in NO_CHAT_TASKS and task not in SYNTHETIC_NO_CHAT_TASKS
+
+
+def prompt_ids(tokenizer, sample: dict, template: str, max_length: int) -> list[int]:
+    """pred.py: fill the template, middle-truncate the raw prompt's tokens, decode the two halves
+    back to text, wrap in the chat template unless the task is prompted raw, re-encode."""
+    prompt = build_prompt(sample, template)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if len(ids) > max_length:
+        kept, half = truncate_middle(ids, max_length), int(max_length / 2)
+        prompt = tokenizer.decode(kept[:half]) + tokenizer.decode(kept[half:])
+    if use_chat_template(sample["dataset"]):  # the template carries its own special tokens
+        return tokenizer.encode(M.chat_prompt(tokenizer, prompt), add_special_tokens=False).ids
+    return tokenizer.encode(prompt).ids  # raw prompt: the tokenizer's own specials (e.g. BOS), as HF
+
 
 # ----------------------------------------------------------------------------- metrics
 

@@ -93,18 +93,6 @@ def select_samples(by_task, tasks, limit, ids, excluded, max_length) -> tuple[li
     return samples, n_excluded
 
 
-def prompt_ids(tokenizer, sample: dict, template: str, max_length: int) -> list[int]:
-    """pred.py: fill the template, middle-truncate the raw prompt's tokens, decode the two halves
-    back to text, wrap in the chat template unless the task is prompted raw, re-encode."""
-    prompt = LB.build_prompt(sample, template)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    if len(ids) > max_length:
-        kept, half = LB.truncate_middle(ids, max_length), int(max_length / 2)
-        prompt = tokenizer.decode(kept[:half]) + tokenizer.decode(kept[half:])
-    if LB.use_chat_template(sample["dataset"]):  # the template carries its own special tokens
-        return tokenizer.encode(M.chat_prompt(tokenizer, prompt), add_special_tokens=False).ids
-    return tokenizer.encode(prompt).ids  # raw prompt: the tokenizer's own specials (e.g. BOS), as HF
-
 # ----------------------------------------------------------------------------- plans
 
 
@@ -169,7 +157,7 @@ def run_key(sample_id: str, method: str, budget) -> str:
 def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, args, write) -> None:
     """One prefill, then every pending (method, budget): compress a copy, decode, write a record."""
     task = sample["dataset"]
-    ids = prompt_ids(tokenizer, sample, prompts[task], args.max_length)
+    ids = LB.prompt_ids(tokenizer, sample, prompts[task], args.max_length)
     tokens = torch.tensor([ids], device=args.device)
     h2o_layers = sorted({l for _, _, p in runs if p for l, pol in enumerate(p.policies) if pol == "h2o"})
     window = next((p.settings.window for _, _, p in runs if p), 32)

@@ -110,7 +110,7 @@ def test_positions_continue_from_prompt_length_after_eviction(tmp_path):
     got = M.decode_one_token(ours, nxt, cache)
     assert cache.next_pos == 31 and cache.lengths == [21] * 3
     assert not torch.allclose(M.decode_one_token(ours, nxt, wrong), got)
-    # the new key was rotated by position 30: un-rotating it by 30 gives the plain projected key
+    # the new key is the plain projected key rotated by its true position, 30
     layer0 = ours.layers[0].self_attn
     x = ours.layers[0].input_layernorm(ours.embed_tokens(nxt))
     plain = layer0.k_proj(x).view(1, 1, 2, -1).transpose(1, 2)

@@ -220,10 +220,10 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
 
     # --- memory: exact bytes of the tensors, next to the token count ratio
     compressed = kept[snap.name]
-    res["kv_bytes_ratio"] = K.kv_bytes(compressed) / K.kv_bytes(cache)
+    res["kv_bytes_ratio"] = compressed.nbytes() / cache.nbytes()
     res["token_ratio"] = sum(min(b, T) for b in snap.budgets) / (cfg.n_layers * T)
-    print(f"KV cache: full {K.kv_bytes(cache) / 2**20:.1f} MiB | snapkv@{budget} "
-          f"{K.kv_bytes(compressed) / 2**20:.2f} MiB | bytes ratio {res['kv_bytes_ratio']:.4f} "
+    print(f"KV cache: full {cache.nbytes() / 2**20:.1f} MiB | snapkv@{budget} "
+          f"{compressed.nbytes() / 2**20:.2f} MiB | bytes ratio {res['kv_bytes_ratio']:.4f} "
           f"| token ratio {res['token_ratio']:.4f}")
 
     # --- decode: FullKV at T, compressed T, plain short prompt

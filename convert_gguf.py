@@ -221,7 +221,6 @@ def ensure_model(name: str = "smollm2", root: Path | None = None) -> Path:
     return final
 
 
-ensure_default_model = ensure_model  # name used in the interface contract
 
 
 if __name__ == "__main__":

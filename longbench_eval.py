@@ -172,7 +172,7 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
     for method, budget, plan in runs:
         t0 = time.perf_counter()
         c = cache.clone() if plan is None else K.apply_plan(cache, stats, plan, room=max_new + 1)
-        kv = K.kv_bytes(c)
+        kv = c.nbytes()
         out = M.generate(model, c, logits, max_new, stop_ids)
         out = out[:-1] if out and out[-1] in stop_ids else out
         write({"id": sample["_id"], "task": task, "method": method, "budget": budget,

@@ -200,11 +200,6 @@ def generate_with_plan(model: M.Transformer, tokens: torch.Tensor, plan: Plan | 
     return M.generate(model, cache, logits, max_new_tokens, stop_ids)
 
 
-def kv_bytes(cache: M.KVCache) -> int:
-    """Exact bytes held by the cache's K and V entries."""
-    return cache.nbytes()
-
-
 def plan_kv_bytes(plan: Plan, prompt_len: int, cfg: M.Config, bytes_per_value: int = 4) -> int:
     """What a plan's cache holds for a prompt of `prompt_len` tokens (before generation)."""
     kept = sum(min(b, prompt_len) for b in plan.budgets)

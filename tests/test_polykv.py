@@ -134,9 +134,9 @@ def test_kv_bytes_ratio_equals_token_ratio():
     _, cache, stats = K.prefill_with_stats(model, ids)
     plan = K.Plan(["snapkv"] * 4, [40, 60, 80, 100])
     small = K.apply_plan(cache, stats, plan)
-    assert K.kv_bytes(cache) == 2 * 4 * 200 * 2 * 8 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
-    assert K.kv_bytes(small) * 200 * 4 == K.kv_bytes(cache) * sum(plan.budgets)
-    assert K.kv_bytes(small) == K.plan_kv_bytes(plan, 200, model.cfg)
+    assert cache.nbytes() == 2 * 4 * 200 * 2 * 8 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
+    assert small.nbytes() * 200 * 4 == cache.nbytes() * sum(plan.budgets)
+    assert small.nbytes() == K.plan_kv_bytes(plan, 200, model.cfg)
 
 
 # --- calibration building blocks -----------------------------------------------------------------

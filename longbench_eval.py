@@ -129,6 +129,18 @@ def polykv_plans(args, names, budgets, model, tokenizer, model_dir, data_dir) ->
     return {k: load_checked_plan(p, model_dir, n) for k, p in paths.items()}
 
 
+def committed_plans(model_dir: Path, budgets, n_layers: int) -> list[K.Plan]:
+    """The committed PolyKV plans of this model at these budgets, whether or not PolyKV runs now."""
+    paths = [p for b in budgets for m in POLYKV if (p := PROJECT / "plans" / model_dir.name / f"budget{b}" / f"{m}.json").is_file()]
+    return [load_checked_plan(p, model_dir, n_layers) for p in paths]
+
+
+def calibration_ids(plans: list[K.Plan]) -> set[str]:
+    """Every sample a plan was calibrated or validated on: no method is scored on them, so
+    every method (PolyKV or not, in this run or a later one into the same folder) sees the same samples."""
+    return {i for p in plans for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
+
+
 def build_runs(methods, budgets, n_layers, plans: dict, settings: K.Settings) -> list[tuple]:
     """[(method, budget, plan)]: FullKV once (budget None, plan None), the rest per budget."""
     runs = [("fullkv", None, None)]
@@ -150,8 +162,13 @@ def build_runs(methods, budgets, n_layers, plans: dict, settings: K.Settings) ->
 # ----------------------------------------------------------------------------- running
 
 
-def run_key(sample_id: str, method: str, budget) -> str:
-    return f"{sample_id}\t{method}\t{budget}"
+def plan_fingerprint(plan: K.Plan | None) -> str | None:
+    """Identifies what a method kept: a changed plan is a different run (None for FullKV)."""
+    return None if plan is None else hashlib.sha256(json.dumps([plan.policies, plan.budgets]).encode()).hexdigest()[:12]
+
+
+def run_key(sample_id: str, method: str, budget, fingerprint: str | None) -> str:
+    return f"{sample_id}\t{method}\t{budget}\t{fingerprint}"
 
 
 def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, args, write) -> None:
@@ -176,7 +193,7 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
         out = M.generate(model, c, logits, max_new, stop_ids)
         out = out[:-1] if out and out[-1] in stop_ids else out
         write({"id": sample["_id"], "task": task, "method": method, "budget": budget,
-               "prediction": tokenizer.decode(out), "tokens": out, "answers": sample["answers"],
+               "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out, "answers": sample["answers"],
                "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(time.perf_counter() - t0, 4),
                "prefill_seconds": round(prefill_s, 4)})
 
@@ -190,7 +207,7 @@ def read_records(out: Path) -> dict[str, dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records[run_key(r["id"], r["method"], r["budget"])] = r
+            records[run_key(r["id"], r["method"], r["budget"], r.get("plan"))] = r
     return records
 
 
@@ -208,15 +225,14 @@ def open_writer(path: Path):
 
 
 def check_run_config(out: Path, config: dict) -> None:
-    """Refuse to resume into a folder holding results made with other settings or plans."""
+    """Refuse to resume into a folder holding results made with other settings. (Plans may change:
+    each record carries its plan's fingerprint, so a new plan only re-runs its own method.)"""
     path = out / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [k for k in config if k != "plans" and old.get(k) != config[k]]
-        diff += [f"plan {k}" for k in config["plans"] if k in old.get("plans", {}) and old["plans"][k] != config["plans"][k]]
+        diff = [k for k in config if old.get(k) != config[k]]
         if diff:
             raise ValueError(f"{out} holds a run with different {', '.join(diff)}; use another --out")
-        config = {**config, "plans": {**old.get("plans", {}), **config["plans"]}}
     atomic_write(path, json.dumps(config, indent=1))
 
 # ----------------------------------------------------------------------------- metrics
@@ -232,7 +248,8 @@ def fidelity(tokens: list[list[int]], full: list[list[int]]) -> dict:
 
 def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> dict:
     tasks = list(dict.fromkeys(s["dataset"] for s in samples))
-    rec = lambda s, m, b: records[run_key(s["_id"], m, b)]  # noqa: E731
+    fingerprints = {(m, b): plan_fingerprint(p) for m, b, p in runs}
+    rec = lambda s, m, b: records[run_key(s["_id"], m, b, fingerprints[(m, b)])]  # noqa: E731
     full_tokens = [rec(s, "fullkv", None)["tokens"] for s in samples]
     scores, fid = {}, {}
     for method, budget, _ in runs:
@@ -374,6 +391,26 @@ def parse_args(argv):
     return args
 
 
+def choose_methods(args, model, tokenizer, model_dir: Path, data_dir):
+    """(methods, budgets, {(polykv name, budget): plan}, settings, ids no method is scored on)."""
+    names = [m for m in (args.methods or METHODS) if m in POLYKV]
+    budgets = args.budgets or ([args.budget] if args.budget else None)
+    plans = {}
+    if names or args.plan:
+        if budgets is None and args.plan:
+            budgets = sorted({int(load_checked_plan(p, model_dir, model.cfg.n_layers).average_budget) for p in args.plan})
+        plans = polykv_plans(args, names, budgets or [512], model, tokenizer, model_dir, data_dir)
+    budgets = budgets or [512]
+    # every plan given or committed counts, even for a method not run now
+    excluded = calibration_ids(list(plans.values()) + committed_plans(model_dir, budgets, model.cfg.n_layers))
+    methods = args.methods or [m for m in METHODS if m not in POLYKV or not args.plan or any(k[0] == m for k in plans)]
+    plans = {k: p for k, p in plans.items() if k[0] in methods and k[1] in budgets}
+    settings = next(iter(plans.values())).settings if plans else K.Settings()
+    if any(p.settings.window != settings.window for p in plans.values()):
+        raise ValueError("the PolyKV plans use different observation windows; one prefill cannot serve them all")
+    return methods, budgets, plans, settings, excluded
+
+
 def setup(args):
     """Everything before the loop: model, data, plans, runs, output folder."""
     args.device = init_distributed(args.device)
@@ -387,20 +424,7 @@ def setup(args):
     by_task, prompts, maxlens, tasks = load_tasks(data_dir, args.tasks)
     skipped = [t for t in tasks if quick and maxlens[t] > QUICK_MAX_NEW]
     tasks = [t for t in tasks if t not in skipped]
-    names = [m for m in (args.methods or METHODS) if m in POLYKV]
-    budgets = args.budgets or ([args.budget] if args.budget else None)
-    plans = {}
-    if names or args.plan:
-        if budgets is None and args.plan:
-            budgets = sorted({int(load_checked_plan(p, Path(model_dir), model.cfg.n_layers).average_budget) for p in args.plan})
-        plans = polykv_plans(args, names, budgets or [512], model, tokenizer, Path(model_dir), data_dir)
-    budgets = budgets or [512]
-    methods = args.methods or [m for m in METHODS if m not in POLYKV or not args.plan or any(k[0] == m for k in plans)]
-    plans = {k: p for k, p in plans.items() if k[0] in methods and k[1] in budgets}
-    settings = next(iter(plans.values())).settings if plans else K.Settings()
-    if any(p.settings.window != settings.window for p in plans.values()):
-        raise ValueError("the PolyKV plans use different observation windows; one prefill cannot serve them all")
-    excluded = {i for p in plans.values() for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
+    methods, budgets, plans, settings, excluded = choose_methods(args, model, tokenizer, Path(model_dir), data_dir)
     samples, n_excl = select_samples(by_task, tasks, args.limit, args.ids, excluded, args.max_length)
     if not samples:
         raise ValueError("no samples left to evaluate")
@@ -415,10 +439,8 @@ def setup(args):
               "excluded_calibration_samples": n_excl, "window": model.cfg.max_seq_len,
               "limit": f"{args.limit} per task" if args.limit and not args.ids else "chosen ids" if args.ids else "all",
               "skipped_tasks": skipped}
-    plan_hash = {f"{m}@{b}": hashlib.sha256(json.dumps([p.policies, p.budgets]).encode()).hexdigest()[:12]
-                 for (m, b), p in plans.items()}
     if rank_world()[0] == 0:
-        check_run_config(out, {k: header[k] for k in ("model", "data", "max_length", "dtype", "settings")} | {"plans": plan_hash})
+        check_run_config(out, {k: header[k] for k in ("model", "data", "max_length", "dtype", "settings")})
     return model, tokenizer, Path(model_dir), samples, prompts, maxlens, runs, out, header
 
 
@@ -448,7 +470,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(mine) * len(runs), desc="samples x methods", disable=rank != 0)
     with f, bar:
         for sample in mine:
-            pending = [r for r in runs if run_key(sample["_id"], r[0], r[1]) not in done]
+            pending = [r for r in runs if run_key(sample["_id"], r[0], r[1], plan_fingerprint(r[2])) not in done]
             bar.update(len(runs) - len(pending))
             if pending:
                 evaluate_sample(model, tokenizer, sample, prompts, maxlens, pending, stops, args,

@@ -16,7 +16,7 @@ POLICIES = list(C.CANDIDATES)
 def separable_objective(best_policy: list[str], weight: list[float]):
     """Layer l costs 1 unless it uses best_policy[l], plus weight[l] / budget[l] (more budget, less loss)."""
     def objective(policies, budgets):
-        return sum((p != b) + w / n for p, b, w, n in zip(policies, best_policy, weight, budgets))
+        return [sum((p != b) + w / n for p, b, w, n in zip(policies, best_policy, weight, budgets))]
     return objective
 
 
@@ -37,7 +37,7 @@ def test_allocation_moves_budget_to_the_sensitive_layers():
                                         quantum=16, low=32, high=512, max_evals=1000, max_sweeps=50)
     assert sum(budgets) == 6 * 128 and min(budgets) >= 32 and max(budgets) <= 512
     assert budgets[2] > budgets[4] > budgets[0]
-    assert kl < objective(["h2o"] * 6, [128] * 6)
+    assert kl < objective(["h2o"] * 6, [128] * 6)[0]
 
 
 @hsettings(max_examples=40, deadline=None)
@@ -47,14 +47,32 @@ def test_search_is_never_worse_than_its_start(seed, route, allocate):
     n = 5
     cost = [{p: rng.random() for p in POLICIES} for _ in range(n)]
     scale = [rng.random() * 100 for _ in range(n)]
-    objective = lambda pol, bud: sum(cost[l][pol[l]] + scale[l] / bud[l] + rng.random() * 1e-3 for l in range(n))  # noqa: E731
+    objective = lambda pol, bud: [sum(cost[l][pol[l]] + scale[l] / bud[l] + rng.random() * 1e-3 for l in range(n))  # noqa: E731
+                                  + rng.random() * 0.1 for _ in range(3)]  # three noisy "samples"
     start_p, start_b = [rng.choice(POLICIES) for _ in range(n)], [96] * n
-    start = objective(start_p, start_b)
+    start = C.mean(objective(start_p, start_b))
     policies, budgets, kl, trace = C.search(objective, start_p, start_b, list(range(n)), route=route, allocate=allocate,
                                             quantum=32, low=32, high=256, max_evals=30)
     assert kl <= trace[0]["kl"] and sum(budgets) == sum(start_b)
     assert all(32 <= b <= 256 for b in budgets)
-    assert trace[0]["kl"] == pytest.approx(start, abs=1e-2)
+    assert trace[0]["kl"] == pytest.approx(start, abs=0.2)
+
+
+def test_a_change_must_win_on_most_samples():
+    """Layer 0 switching to tova helps one sample a lot and hurts three a little: the mean drops,
+    the majority rule refuses it; switching layer 1 to snapkv helps three of four and is kept."""
+    def objective(policies, budgets):
+        kls = [1.0, 1.0, 1.0, 1.0]
+        if policies[0] == "tova":
+            kls = [0.1, 1.1, 1.1, 1.1]
+        if policies[1] == "snapkv":
+            kls = [k - 0.05 * (i < 3) for i, k in enumerate(kls)]
+        return kls
+    kw = dict(route=True, allocate=False, candidates=("h2o", "snapkv", "tova"))
+    assert C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], min_win_share=0.0, **kw)[0] == ["tova", "snapkv"]
+    policies, _, kl, trace = C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], min_win_share=0.5, **kw)
+    assert policies == ["h2o", "snapkv"] and kl == pytest.approx(0.9625)
+    assert [t["step"] for t in trace] == ["start", "layer 1 -> snapkv", "end"]
 
 
 def test_objective_on_a_real_prompt(smollm2, smollm2_dir):

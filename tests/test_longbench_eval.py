@@ -160,6 +160,30 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
     assert "both calibration and evaluation" in capsys.readouterr().err
 
 
+def test_a_changed_plan_reruns_only_its_method(ckpt, data, tmp_path, monkeypatch):
+    """Baselines first, PolyKV later into the same folder: same samples, baselines reused;
+    a recalibrated plan re-runs PolyKV alone and the report uses the new plan's predictions."""
+    out, plan_dir = tmp_path / "run", tmp_path / "plans"
+    plans = save_plans(plan_dir, ckpt.name, calib_ids=["hotpotqa-0"])
+    assert E.main(args(ckpt, data, out, "--plan", *plans, "--methods", "snapkv")) == 0
+    real, calls = M.generate, []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert E.main(args(ckpt, data, out, "--plan", plans[0], "--methods", "snapkv", "polykv")) == 0
+    assert len(calls) == 4  # polykv on 4 samples; fullkv and snapkv reused
+    first = json.loads((out / "metrics.json").read_text())
+    plan = K.load_plan(plans[0])
+    plan.budgets = [plan.budgets[1], plan.budgets[0]] + plan.budgets[2:]  # "recalibrated"
+    K.save_plan(plan, plans[0])
+    calls.clear()
+    assert E.main(args(ckpt, data, out, "--plan", plans[0], "--methods", "snapkv", "polykv")) == 0
+    assert len(calls) == 4
+    recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len({r["plan"] for r in recs if r["method"] == "polykv"}) == 2  # old records kept, not used
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["scores"]["snapkv"] == first["scores"]["snapkv"] and second["n_samples"] == first["n_samples"] == 4
+    assert {r["id"] for r in recs} == {"hotpotqa-1", "hotpotqa-2", "trec-0", "trec-1"}
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--tasks", "hotpotqa", "gov_report"], "unknown task(s) gov_report; valid here: hotpotqa, trec"),
     (["--budget", "16", "--methods", "h2o"], "smaller than the observation window 32"),

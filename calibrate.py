@@ -38,6 +38,7 @@ import polykv as K
 
 ROOT = Path(__file__).resolve().parent
 CANDIDATES = ("h2o", "snapkv", "tova", "streamingllm", "knorm")  # random is the floor, not a candidate
+PLAN_NAMES = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations
 
 # -----------------------------------------------------------------------------
 # Calibration samples and their FullKV reference
@@ -270,6 +271,15 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
     """Calibrate every budget from ONE set of prefills; write the plans and their PNGs; return their paths."""
     settings = settings or K.Settings()
     model_name = Path(model_dir).name
+    calib_settings = {"max_length": max_length, "n_per_task": n_per_task, "n_continuation": n_continuation,
+                      "max_evals": max_evals, "quantum": quantum, "min_win_share": min_win_share, "seed": seed,
+                      "data": str(data_dir) if data_dir else "synthetic"}
+    paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, calib_settings, settings))}
+    if paths:
+        print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
+    budgets = [b for b in budgets if b not in paths]
+    if not budgets:
+        return paths
     lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, n_per_task, seed)
     stop_ids = M.stop_token_ids(model_dir, tokenizer)
     t0 = time.perf_counter()
@@ -279,12 +289,7 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
         ids = LB.prompt_ids(tokenizer, sample, prompts[task], max_length)
         (refs if sid in search_ids else val_refs).append(build_reference(model, ids, sid, n_continuation, stop_ids, settings.window))
     prefill_seconds = sum(r.prefill_seconds for r in refs + val_refs)
-    ids = {"calibration_ids": search_ids, "validation_ids": val_ids,
-           "calibration_settings": {"max_length": max_length, "n_per_task": n_per_task, "n_continuation": n_continuation,
-                                    "max_evals": max_evals, "quantum": quantum, "min_win_share": min_win_share,
-                                    "seed": seed,
-                                    "data": str(data_dir) if data_dir else "synthetic"}}
-    paths: dict[int, dict[str, Path]] = {}
+    ids = {"calibration_ids": search_ids, "validation_ids": val_ids, "calibration_settings": calib_settings}
     for average in budgets:
         plans, table = calibrate_budget(model, refs, val_refs, average, settings, model_name, ids, max_evals, quantum,
                                         min_win_share)
@@ -303,6 +308,18 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
     return paths
 
 
+def finished_plans(out_dir: Path, budget: int, model_name: str, calib_settings: dict, settings: K.Settings):
+    """The three plan paths of an earlier run with the same model and settings, else None:
+    an interrupted multi-budget run resumes at the first budget it had not written."""
+    paths = {n: Path(out_dir) / f"budget{budget}" / f"{n}.json" for n in PLAN_NAMES}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    plans = [K.load_plan(p) for p in paths.values()]
+    same = all(p.model == model_name and p.settings == settings and p.info.get("calibration_settings") == calib_settings
+               for p in plans)
+    return paths if same else None
+
+
 def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048, settings=None,
                  root: Path = ROOT / "plans", **kw) -> dict[int, dict[str, Path]]:
     """Plans for these budgets, calibrated on first use and cached by model and settings."""
@@ -312,7 +329,7 @@ def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048
     key = settings_key(model_dir, {"max_length": max_length, "settings": asdict(settings),
                                    "data": "longbench" if data_dir else "synthetic", **CALIBRATION_DEFAULTS, **kw})
     out_dir = Path(root) / Path(model_dir).name / key
-    names = ("polykv", "polykv_routing", "polykv_allocation")
+    names = PLAN_NAMES
     missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in names)]
     if missing:
         print(f"calibrating PolyKV for budgets {missing} (cached in {out_dir})")

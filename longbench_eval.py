@@ -193,7 +193,7 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
         out = M.generate(model, c, logits, max_new, stop_ids)
         out = out[:-1] if out and out[-1] in stop_ids else out
         write({"id": sample["_id"], "task": task, "method": method, "budget": budget,
-               "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out, "answers": sample["answers"],
+               "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out,
                "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(time.perf_counter() - t0, 4),
                "prefill_seconds": round(prefill_s, 4)})
 

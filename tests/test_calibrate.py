@@ -86,7 +86,7 @@ def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
     assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
 
 
-def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path):
+def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     model, tokenizer = M.load_model(tiny_checkpoint), M.load_tokenizer(tiny_checkpoint)
     paths = C.run(model, tokenizer, tiny_checkpoint, [64], data_dir=None, out_dir=tmp_path, max_length=200,
                   n_per_task=2, n_continuation=6, max_evals=12)
@@ -107,6 +107,15 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path):
     tokens = torch.tensor([tokenizer.encode("hello " * 150).ids])
     out = K.generate_with_plan(model, tokens, K.load_plan(paths[64]["polykv"]), 5)
     assert len(out) == 5
+    # a rerun with the same settings keeps the written plans (an interrupted run resumes) ...
+    before = paths[64]["polykv"].read_text()
+    with monkeypatch.context() as m:
+        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
+        assert C.run(model, tokenizer, tiny_checkpoint, [64], None, tmp_path, 200, 2, 6, max_evals=12) == paths
+    # ... and other settings recalibrate
+    C.run(model, tokenizer, tiny_checkpoint, [64], None, tmp_path, 200, 2, 6, max_evals=13)
+    assert K.load_plan(paths[64]["polykv"]).info["calibration_settings"]["max_evals"] == 13
+    assert before != paths[64]["polykv"].read_text()
     # calibration ids are exactly the split's calibration side, never the evaluation side
     by_task, _, _ = LB.synthetic_suite(n_per_task=4, seed=0, target_words=1200)
     calib, evaluation = LB.dataset_split(by_task, 2, 0)

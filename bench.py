@@ -16,6 +16,8 @@ PolyKV compression buys at decode time and costs at prefill time.
    ratio; and the prefill-time cost of compression: gathering the statistics
    during prefill (window queries; H2O column sums in every layer) and
    apply_plan, each as a share of a plain prefill.
+3. Calibration: the objective on the candidate plans a search sweep makes, re-running
+   every layer vs starting at the first changed layer (calibrate.plan_sample_kl).
 
 The machine may be shared and noisy: every comparison interleaves its variants
 within each repetition and reports medians. Prompts are random token ids (speed
@@ -241,14 +243,57 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
     return res
 
 
+def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: str) -> dict[str, float]:
+    """The calibration objective on candidate plans as the search makes them (each changes one or two
+    layers of the current plan): every layer re-run (K.continuation_kl) vs calibrate.plan_sample_kl,
+    which starts at the first changed layer."""
+    import calibrate as C
+    import random
+
+    cfg, n = model.cfg, model.cfg.n_layers
+    ref = C.build_reference(model, random_prompt(sizes["calib_ctx"], cfg.vocab_size, device, seed=4)[0].tolist(),
+                            "bench", 32, (), K.Settings().window)
+    rng = random.Random(0)
+    best_p, best_b = ["snapkv"] * n, [sizes["budget"]] * n
+    candidates = []
+    for layer in rng.sample(range(n), n):  # the search's order: by sensitivity, i.e. any order
+        candidates += [K.Plan(K.reroute(best_p, layer, p), best_b) for p in ("h2o", "tova")]
+        donor = rng.choice([l for l in range(n) if l != layer])
+        quantum = sizes["budget"] // 16  # calibrate.py's 32 at a 512 budget
+        candidates.append(K.Plan(best_p, K.move_budget(best_b, donor, layer, quantum, 1, 4 * sizes["budget"])))
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        for plan in candidates:
+            K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 32, ref.score_memo),
+                              ref.continuation)
+        return time.perf_counter() - t0
+
+    def reuse() -> float:
+        ref.trunks.clear()
+        t0 = time.perf_counter()
+        C.plan_sample_kl(model, ref, K.Plan(best_p, best_b))  # the current plan, evaluated before its candidates
+        for plan in candidates:
+            C.plan_sample_kl(model, ref, plan)
+        return time.perf_counter() - t0
+
+    med = interleaved({"plain": plain, "reuse": reuse}, max(1, min(repeats, 3)))
+    res = {"calibration_speedup": med["plain"] / med["reuse"]}
+    print(f"{len(candidates)} candidate plans on a {sizes['calib_ctx']}-token reference: every layer re-run "
+          f"{med['plain']:.2f} s | from the first changed layer {med['reuse']:.2f} s -> {res['calibration_speedup']:.2f}x")
+    return res
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
-FULL = dict(prefill_short=1024, prefill_long=4096, decode_ctx=4096, long_ctx=8192, budget=512, short_ctx=512, steps=32)
-QUICK = dict(prefill_short=128, prefill_long=256, decode_ctx=256, long_ctx=512, budget=64, short_ctx=64, steps=4)
+FULL = dict(prefill_short=1024, prefill_long=4096, decode_ctx=4096, long_ctx=8192, budget=512, short_ctx=512, steps=32,
+            calib_ctx=2048)
+QUICK = dict(prefill_short=128, prefill_long=256, decode_ctx=256, long_ctx=512, budget=64, short_ctx=64, steps=4,
+             calib_ctx=256)
 
 
-def summary_line(r1: dict, r2: dict, sizes: dict) -> str:
+def summary_line(r1: dict, r2: dict, r3: dict, sizes: dict) -> str:
     k = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
     pairs = {}
     for key, name in (("prefill_short_ratio", f"prefill{k(sizes['prefill_short'])}_ratio"),
@@ -265,6 +310,7 @@ def summary_line(r1: dict, r2: dict, sizes: dict) -> str:
     pairs["stats_overhead_share"] = f"{r2['stats_overhead_share']:.3f}"
     pairs["stats_window_share"] = f"{r2['stats_window_share']:.3f}"
     pairs["apply_plan_share"] = f"{r2['apply_snapkv_share']:.4f}"
+    pairs["calibration_speedup"] = f"{r3['calibration_speedup']:.2f}"
     return " ".join(f"{n}={v}" for n, v in pairs.items())
 
 
@@ -299,7 +345,9 @@ def main(argv: list[str] | None = None) -> str:
         print(f"\n== PolyKV compression: {sizes['long_ctx']}-token context, uniform snapkv plan at "
               f"average budget {sizes['budget']}")
         r2 = bench_compression(model, sizes, args.repeats, args.device)
-    line = summary_line(r1, r2, sizes)
+        print("\n== calibration objective: candidate plans, re-running every layer vs from the first changed one")
+        r3 = bench_calibration(model, sizes, args.repeats, args.device)
+    line = summary_line(r1, r2, r3, sizes)
     print("\n" + line)
     return line
 

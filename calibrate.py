@@ -25,11 +25,12 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
@@ -54,6 +55,7 @@ class Reference:
     continuation: torch.Tensor  # (N,) FullKV greedy continuation
     full_logprobs: torch.Tensor  # (N-1, V) FullKV teacher-forced log-probs
     prefill_seconds: float
+    trunks: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
 
 def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int) -> Reference:
@@ -66,11 +68,45 @@ def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, 
     return Reference(sample_id, cache, stats, {}, continuation, full, seconds)
 
 
+N_TRUNKS = 4  # plans whose layer inputs each reference remembers
+
+
+@torch.no_grad()
+def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
+    """K.continuation_kl of `plan` on one reference, without re-running layers it shares with a recent plan.
+
+    The search changes one or two layers at a time. The teacher-forced pass below the first
+    changed layer sees the same inputs and the same caches as the plan it was derived from,
+    so it starts from that plan's remembered input to the first changed layer. Same result
+    as the plain pass (tested), at a fraction of the cost."""
+    layers = list(zip(plan.policies, plan.budgets))
+    shared = lambda key: next((l for l, (a, b) in enumerate(zip(key, layers)) if a != b), len(layers))  # noqa: E731
+    base = max(ref.trunks, key=shared, default=None)
+    start = shared(base) if base is not None else 0
+    start = min(start, len(layers) - 1)  # an identical plan still runs its top layer
+    cache = K.apply_plan(ref.cache, ref.stats, plan, len(ref.continuation), ref.score_memo)
+    tokens = ref.continuation[None, :-1]  # (1, N-1), as in K.teacher_forced_logprobs
+    positions = torch.arange(cache.next_pos, cache.next_pos + tokens.shape[1], device=tokens.device)
+    cos, sin = M.rope_cos_sin(model.inv_freq, positions)
+    if base is not None:
+        ref.trunks[base] = ref.trunks.pop(base)  # now the most recently used
+    trunk = ref.trunks.get(base, [])  # trunk[l]: the input (1, N-1, dim) to layer l
+    inputs = trunk[:start]
+    x = trunk[start] if start else model.embed_tokens(tokens)  # (1, N-1, dim)
+    for layer in range(start, len(layers)):
+        inputs.append(x)
+        x = model.layers[layer](x, cos, sin, cache, layer)  # (1, N-1, dim)
+    logprobs = F.log_softmax(model.lm_head(model.norm(x))[0].float(), dim=-1)
+    ref.trunks[tuple(layers)] = inputs
+    while len(ref.trunks) > N_TRUNKS:
+        ref.trunks.pop(next(iter(ref.trunks)))  # the least recently used
+    return F.kl_div(logprobs, ref.full_logprobs, log_target=True, reduction="none").sum(-1).mean().item()
+
+
 def sample_kls(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> list[float]:
     """The calibration objective, per sample: continuation KL with every layer compressed by the plan."""
     plan = K.Plan(policies, budgets, settings=settings)
-    return [K.continuation_kl(r.full_logprobs, model, K.apply_plan(r.cache, r.stats, plan, len(r.continuation), r.score_memo),
-                              r.continuation) for r in refs]
+    return [plan_sample_kl(model, r, plan) if len(r.continuation) > 1 else 0.0 for r in refs]
 
 
 def plan_kl(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> float:

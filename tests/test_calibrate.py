@@ -120,3 +120,32 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     by_task, _, _ = LB.synthetic_suite(n_per_task=4, seed=0, target_words=1200)
     calib, evaluation = LB.dataset_split(by_task, 2, 0)
     assert set(ids) == set(calib) and not set(ids) & set(evaluation)
+
+
+def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
+    """plan_sample_kl skips the layers below the first one a plan changes; the KL must equal the
+    plain teacher-forced pass (K.continuation_kl) exactly, and only the changed layers must run."""
+    cfg = M.Config.from_hf({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
+                            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2})
+    torch.manual_seed(0)
+    model = M.Transformer(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.4)
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
+    runs = []
+    layer_forward = M.Block.forward
+    def counting(self, *a, **k):  # noqa: E306
+        runs.append(list(model.layers).index(self))
+        return layer_forward(self, *a, **k)
+    monkeypatch.setattr(M.Block, "forward", counting)
+    plans = [(["snapkv"] * 4, [64] * 4), (["snapkv", "snapkv", "snapkv", "tova"], [64] * 4),
+             (["snapkv"] * 4, [64, 64, 32, 96]), (["snapkv"] * 4, [64] * 4), (["h2o"] * 4, [64] * 4)]
+    for i, (policies, budgets) in enumerate(plans):
+        plan = K.Plan(policies, budgets)
+        plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
+        runs.clear()
+        fast = C.plan_sample_kl(model, ref, plan)
+        assert fast == pytest.approx(plain, rel=1e-6, abs=1e-9) and plain > 0
+        first_changed = [0, 3, 2, 3, 0][i]  # plan 3 repeats plan 0: only the top layer runs again
+        assert runs == list(range(first_changed, 4))

@@ -171,8 +171,18 @@ def run_key(sample_id: str, method: str, budget, fingerprint: str | None) -> str
     return f"{sample_id}\t{method}\t{budget}\t{fingerprint}"
 
 
+def batches(runs: list[tuple], size: int) -> list[list[tuple]]:
+    """Runs decoded together: same budget (similar cache lengths, so little padding), at most `size`."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run[1], []).append(run)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, args, write) -> None:
-    """One prefill, then every pending (method, budget): compress a copy, decode, write a record."""
+    """One prefill, then every pending (method, budget): compress a copy, decode, write a record.
+    Runs of one budget decode as one batch (model.stack_caches): one pass over the weights per
+    step serves them all; each row generates what it would alone (tested)."""
     task = sample["dataset"]
     ids = LB.prompt_ids(tokenizer, sample, prompts[task], args.max_length)
     tokens = torch.tensor([ids], device=args.device)
@@ -186,16 +196,20 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
         stop_ids += tokenizer.encode("\n", add_special_tokens=False).ids[-1:]
         logits = logits.clone()
         logits[:, stop_ids] = float("-inf")
-    for method, budget, plan in runs:
+    for group in batches(runs, args.batch):
         t0 = time.perf_counter()
-        c = cache.clone() if plan is None else K.apply_plan(cache, stats, plan, room=max_new + 1)
-        kv = c.nbytes()
-        out = M.generate(model, c, logits, max_new, stop_ids)
-        out = out[:-1] if out and out[-1] in stop_ids else out
-        write({"id": sample["_id"], "task": task, "method": method, "budget": budget,
-               "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out,
-               "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(time.perf_counter() - t0, 4),
-               "prefill_seconds": round(prefill_s, 4)})
+        caches = [cache.clone() if plan is None else K.apply_plan(cache, stats, plan, room=max_new + 1)
+                  for _, _, plan in group]
+        kv_bytes = [c.nbytes() for c in caches]  # the compressed prompt, before any generated token
+        batch = caches[0] if len(caches) == 1 else M.stack_caches(caches, room=max_new + 1)
+        outs = M.generate_batch(model, batch, logits.expand(len(caches), -1), max_new, stop_ids)
+        seconds = (time.perf_counter() - t0) / len(group)  # a batch's time, shared by its runs
+        for (method, budget, plan), out, kv in zip(group, outs, kv_bytes):
+            out = out[:-1] if out and out[-1] in stop_ids else out
+            write({"id": sample["_id"], "task": task, "method": method, "budget": budget,
+                   "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out,
+                   "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(seconds, 4),
+                   "prefill_seconds": round(prefill_s, 4)})
 
 
 def read_records(out: Path) -> dict[str, dict]:
@@ -385,6 +399,7 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help="output folder (default: results/<model>/<data>_maxlen<L>_limit<N>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=16, help="runs of one budget decoded together per sample (1 = one by one)")
     args = p.parse_args(argv)
     if args.budget is not None and args.budgets:
         p.error("give --budget or --budgets, not both")
@@ -413,6 +428,8 @@ def choose_methods(args, model, tokenizer, model_dir: Path, data_dir):
 
 def setup(args):
     """Everything before the loop: model, data, plans, runs, output folder."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     args.device = init_distributed(args.device)
     model_dir = args.model or M.default_model_dir()
     model = M.load_model(model_dir, args.device, getattr(torch, args.dtype))

@@ -174,6 +174,9 @@ class Attention(nn.Module):
         mask = None
         if N > 1:  # query i sits at cache index L-N+i and sees every cache index up to it
             mask = torch.arange(L, device=x.device)[None, :] <= torch.arange(L - N, L, device=x.device)[:, None]
+        pad = cache.valid_slots(layer)  # (B, L) in a stacked batch of caches, else None
+        if pad is not None:
+            mask = pad[:, None, None, :] if mask is None else mask & pad[:, None, None, :]  # (B, 1, N, L)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)  # (B, nh, N, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
 
@@ -312,13 +315,15 @@ class KVCache:
     """Post-RoPE keys and values per layer. Layer lengths may differ (after compression).
 
     Each layer's buffer is (B, n_kv, capacity, hd) with the first `lengths[l]` slots
-    valid; appending writes in place and doubles the capacity when full, so a decode
-    step costs no copy of the whole cache.
+    filled; appending writes in place and doubles the capacity when full, so a decode
+    step costs no copy of the whole cache. A batch made by `stack_caches` also has
+    `valid[l]` (B, capacity): False on the padding attention must skip.
     """
 
     def __init__(self, n_layers: int):
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.valid: list[torch.Tensor | None] = [None] * n_layers  # None: every filled slot is a token
         self.lengths = [0] * n_layers
         self.next_pos = 0  # true position of the next token: continues from the prompt length
 
@@ -327,6 +332,9 @@ class KVCache:
 
     def values(self, layer: int) -> torch.Tensor:  # (B, n_kv, len, hd)
         return self.v[layer][:, :, : self.lengths[layer]]
+
+    def valid_slots(self, layer: int) -> torch.Tensor | None:  # (B, len) bool, or None
+        return None if self.valid[layer] is None else self.valid[layer][:, : self.lengths[layer]]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, old = k.shape[2], self.lengths[layer]
@@ -339,7 +347,7 @@ class KVCache:
 
     def set_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, room: int = 64) -> None:
         """Replace a layer's contents (e.g. with its compressed K/V), leaving `room` free slots."""
-        self.k[layer] = self.v[layer] = None
+        self.k[layer] = self.v[layer] = self.valid[layer] = None
         self.lengths[layer] = 0
         self._reserve(layer, k, k.shape[2] + room)
         self.append(layer, k, v)
@@ -351,6 +359,10 @@ class KVCache:
         if self.k[layer] is not None:
             n = self.lengths[layer]
             new_k[:, :, :n], new_v[:, :, :n] = self.keys(layer), self.values(layer)
+        if self.valid[layer] is not None:  # padding stays masked; new slots are for new tokens
+            valid = torch.ones(B, capacity, dtype=torch.bool, device=like.device)
+            valid[:, : self.lengths[layer]] = self.valid_slots(layer)
+            self.valid[layer] = valid
         self.k[layer], self.v[layer] = new_k, new_v
 
     def clone(self) -> "KVCache":
@@ -358,12 +370,38 @@ class KVCache:
         for layer in range(len(self.lengths)):
             if self.k[layer] is not None:
                 other.set_layer(layer, self.keys(layer), self.values(layer))
+                if self.valid[layer] is not None:
+                    other.valid[layer] = torch.ones_like(other.k[layer][:, 0, :, 0], dtype=torch.bool)
+                    other.valid[layer][:, : self.lengths[layer]] = self.valid_slots(layer)
         other.next_pos = self.next_pos
         return other
 
     def nbytes(self) -> int:
         """Bytes of the valid K and V entries (not the spare capacity)."""
         return sum(2 * self.keys(l).numel() * self.keys(l).element_size() for l in range(len(self.lengths)) if self.k[l] is not None)
+
+
+def stack_caches(caches: list[KVCache], room: int = 64) -> KVCache:
+    """B one-sequence caches of the same prompt as one batch, so they decode together (one pass
+    over the weights per step serves them all). Each layer is right-padded to its longest
+    member and the padding is marked invalid; generated tokens go after it, in the same slot
+    of every row. Their layer lengths may differ (different plans)."""
+    if len({c.next_pos for c in caches}) != 1:
+        raise ValueError("stack_caches: the caches must continue from the same position")
+    out = KVCache(len(caches[0].lengths))
+    out.next_pos = caches[0].next_pos
+    for layer in range(len(out.lengths)):
+        longest = max(c.lengths[layer] for c in caches)
+        like = caches[0].keys(layer)  # (1, n_kv, len, hd)
+        k = like.new_zeros(len(caches), like.shape[1], longest + room, like.shape[3])  # (B, n_kv, capacity, hd)
+        v = torch.zeros_like(k)
+        valid = torch.ones(len(caches), longest + room, dtype=torch.bool, device=like.device)
+        for b, c in enumerate(caches):
+            n = c.lengths[layer]
+            k[b, :, :n], v[b, :, :n] = c.keys(layer)[0], c.values(layer)[0]
+            valid[b, n:longest] = False
+        out.k[layer], out.v[layer], out.valid[layer], out.lengths[layer] = k, v, valid, longest
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -411,6 +449,24 @@ def generate(model: Transformer, cache: KVCache, last_logits: torch.Tensor, max_
     for _ in range(max_new_tokens):
         out.append(token.item())
         if out[-1] in stop_ids or len(out) == max_new_tokens:
+            break
+        token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+    return out
+
+
+def generate_batch(model: Transformer, cache: KVCache, last_logits: torch.Tensor, max_new_tokens: int,
+                   stop_ids: list[int] | tuple[int, ...] = ()) -> list[list[int]]:
+    """`generate` for B sequences at once (e.g. a `stack_caches` batch), from last logits (B, V).
+    Each row stops as `generate` would; the batch runs until every row has stopped."""
+    out: list[list[int]] = [[] for _ in range(last_logits.shape[0])]
+    done = [False] * len(out)
+    token = last_logits.argmax(-1, keepdim=True)  # (B, 1)
+    for _ in range(max_new_tokens):
+        for b, t in enumerate(token[:, 0].tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = t in stop_ids or len(out[b]) == max_new_tokens
+        if all(done):
             break
         token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
     return out

@@ -41,6 +41,7 @@ def test_main_end_to_end_against_transformers(tmp_path):
     line = bench.main(["--model", str(tmp_path), "--quick", "--repeats", "1"])
     pairs = dict(kv.split("=") for kv in line.split())
     for name in ("prefill128_ratio", "prefill256_ratio", "decode256_ratio", "kv_bytes_ratio", "token_ratio",
-                 "decode512_compressed_over_plain64", "speedup_vs_full512", "stats_overhead_share", "calibration_speedup"):
+                 "decode512_compressed_over_plain64", "speedup_vs_full512", "stats_overhead_share", "calibration_speedup",
+                 "batched_decode_speedup"):
         assert float(pairs[name]) > -1, name
     assert float(pairs["kv_bytes_ratio"]) == pytest.approx(float(pairs["token_ratio"]), abs=1e-4)

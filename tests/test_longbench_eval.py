@@ -98,11 +98,22 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]
 
     calls = []
-    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(M, "generate_batch", lambda *a, **k: calls.append(1) or [])
     before = (out / "predictions.jsonl").read_text()
     assert E.main(args(ckpt, data, out, "--methods", "h2o", "snapkv", "--budgets", "48", "64")) == 0
     assert calls == [] and (out / "predictions.jsonl").read_text() == before
     assert json.loads((out / "metrics.json").read_text())["scores"] == metrics["scores"]
+
+
+def test_batched_decoding_equals_one_by_one(ckpt, data, tmp_path):
+    """--batch 1 decodes each run alone; the default stacks a budget's runs: same predictions."""
+    extra = ["--methods", "h2o", "snapkv", "tova", "pyramidkv", "--budgets", "40", "64"]
+    assert E.main(args(ckpt, data, tmp_path / "one", *extra, "--batch", "1")) == 0
+    assert E.main(args(ckpt, data, tmp_path / "many", *extra)) == 0
+    strip = lambda d: sorted((r["id"], r["method"], r["budget"], r["tokens"], r["kv_bytes"]) for r in  # noqa: E731
+                             map(json.loads, (tmp_path / d / "predictions.jsonl").read_text().splitlines()))
+    assert strip("one") == strip("many") and len(strip("one")) == 4 * 9
+    assert len({r[3] and tuple(r[3]) for r in strip("one")}) > 2  # the methods really differ
 
 
 def test_interrupted_run_resumes_only_missing(ckpt, data, tmp_path, monkeypatch, capsys):
@@ -110,8 +121,9 @@ def test_interrupted_run_resumes_only_missing(ckpt, data, tmp_path, monkeypatch,
     assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48")) == 0
     lines = (out / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:-3]) + '\n{"torn')  # killed mid-write
-    real, calls = M.generate, []
-    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, calls = M.generate_batch, []
+    monkeypatch.setattr(M, "generate_batch",  # counts the runs decoded
+                        lambda model, cache, logits, *a, **k: calls.extend([1] * len(logits)) or real(model, cache, logits, *a, **k))
     assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48")) == 0
     assert len(calls) == 3
     untimed = lambda ls: sorted(json.dumps({k: v for k, v in json.loads(l).items() if "seconds" not in k})  # noqa: E731
@@ -166,8 +178,9 @@ def test_a_changed_plan_reruns_only_its_method(ckpt, data, tmp_path, monkeypatch
     out, plan_dir = tmp_path / "run", tmp_path / "plans"
     plans = save_plans(plan_dir, ckpt.name, calib_ids=["hotpotqa-0"])
     assert E.main(args(ckpt, data, out, "--plan", *plans, "--methods", "snapkv")) == 0
-    real, calls = M.generate, []
-    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, calls = M.generate_batch, []
+    monkeypatch.setattr(M, "generate_batch",  # counts the runs decoded
+                        lambda model, cache, logits, *a, **k: calls.extend([1] * len(logits)) or real(model, cache, logits, *a, **k))
     assert E.main(args(ckpt, data, out, "--plan", plans[0], "--methods", "snapkv", "polykv")) == 0
     assert len(calls) == 4  # polykv on 4 samples; fullkv and snapkv reused
     first = json.loads((out / "metrics.json").read_text())

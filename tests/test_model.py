@@ -128,6 +128,38 @@ def test_clone_is_independent(tmp_path):
     assert torch.equal(cache.keys(2), copy.keys(2)[:, :, :12])
 
 
+def test_stacked_caches_decode_like_each_alone(tmp_path):
+    """Caches with different per-layer lengths, stacked into one padded batch, generate exactly
+    what each generates alone (the padding is masked out; capacity growth keeps the mask)."""
+    tiny_hf("qwen2", tmp_path)
+    ours = M.load_model(tmp_path)
+    torch.manual_seed(1)
+    for p in ours.parameters():  # larger weights than HF's init: outputs that depend on the cache
+        p.data.normal_(0, 0.3)
+    logits, full = M.prefill(ours, torch.randint(0, 97, (1, 40)))
+    caches = [full.clone()]
+    for keep in ([30, 12, 25], [8, 40, 16], [20, 20, 20]):  # per layer: keep the last `keep` tokens
+        c = full.clone()
+        for layer, n in enumerate(keep):
+            c.set_layer(layer, full.keys(layer)[:, :, -n:], full.values(layer)[:, :, -n:], room=2)
+        caches.append(c)
+    alone = [M.generate(ours, c.clone(), logits, 20) for c in caches]
+    batch = M.stack_caches(caches, room=3)  # room < 20 new tokens: the buffers (and masks) must grow
+    assert batch.lengths == [40, 40, 40] and batch.valid_slots(1)[0].all() and batch.valid_slots(1)[1, :12].all()
+    assert not batch.valid_slots(1)[1, 12:].any()  # row 1 keeps 12 tokens in layer 1: the rest is padding
+    together = M.generate_batch(ours, batch, logits.expand(len(caches), -1), 20)
+    assert together == alone and len({tuple(t) for t in together}) > 1  # the plans really differ
+    assert batch.lengths == [59] * 3 and batch.valid_slots(0)[:, 40:].all()
+    # one decode step: same logits as the unbatched caches
+    step = M.decode_one_token(ours, torch.tensor([[3]] * 4), M.stack_caches(caches))
+    for b, c in enumerate(caches):
+        assert torch.allclose(step[b], M.decode_one_token(ours, torch.tensor([[3]]), c.clone())[0], atol=1e-5)
+    # a row that stops early keeps its own length
+    first = together[1][2]
+    assert M.generate_batch(ours, M.stack_caches(caches), logits.expand(4, -1), 20, stop_ids=[first])[1] == \
+        M.generate(ours, caches[1].clone(), logits, 20, stop_ids=[first])
+
+
 # --- bad input: clear errors that name the problem -------------------------------------------
 
 

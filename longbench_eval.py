@@ -312,6 +312,18 @@ def markdown(metrics: dict) -> str:
              f"{metrics['max_length']} tokens, {metrics['excluded_calibration_samples']} calibration samples excluded. "
              "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share)."]
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
+    if len(budgets) > 1:  # overview: average score (prefix agreement with FullKV) per method and budget
+        lines += ["\n### Summary: average score (prefix agreement with FullKV)\n",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+        for m, per in metrics["scores"].items():
+            cell = lambda k: f"{per[k]['average']:.2f} ({metrics['fidelity'][m][k]['prefix_agreement']:.2f})" if k in per else "–"  # noqa: E731
+            lines.append(f"| {m} | " + " | ".join(cell("full" if m == "fullkv" else str(b)) for b in budgets) + " |")
+        for name in POLYKV:
+            gaps = [metrics["gap_recovery"].get(str(b), {}).get(name) for b in budgets]
+            if any(gaps):
+                pct = lambda g, k: "–" if not g or g[k] is None else f"{100 * g[k]:.1f}%"  # noqa: E731
+                lines.append(f"| {name} gap recovery: score (prefix) | "
+                             + " | ".join(f"{pct(g, 'score')} ({pct(g, 'fidelity')})" for g in gaps) + " |")
     for b in budgets:
         lines += [f"\n### Average budget {b} tokens per KV head per layer ({metrics['n_samples']} samples)\n",
                   "| method | " + " | ".join(tasks) + " | avg | exact | prefix |",
@@ -333,15 +345,18 @@ def plot(metrics: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, per in metrics["scores"].items():
         if m == "fullkv":
             ax.axhline(per["full"]["average"], color="black", ls="--", label="fullkv")
             continue
         xs = sorted(int(b) for b in per)
         ax.plot(xs, [per[str(x)]["average"] for x in xs], marker="o", label=m)
+        ax_f.plot(xs, [metrics["fidelity"][m][str(x)]["prefix_agreement"] for x in xs], marker="o", label=m)
     ax.set(xscale="log", xlabel="average budget (tokens per KV head per layer)", ylabel="average score",
-           title=f"{metrics['model']} on {metrics['data']} ({metrics['n_samples']} samples)")
+           title=f"{metrics['model']} ({metrics['n_samples']} samples)")
+    ax_f.set(xscale="log", xlabel="average budget (tokens per KV head per layer)",
+             ylabel="prefix agreement with FullKV", title="fidelity to FullKV")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -92,7 +92,7 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert metrics["fidelity"]["fullkv"]["full"] == {"exact_match": 1.0, "prefix_agreement": 1.0}
     assert set(metrics["scores"]["h2o"]) == {"48", "64"}
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
-    assert "| h2o |" in printed and "saved" in printed
+    assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 (" in printed  # the summary table
     # the compressed caches really are smaller than the full one
     kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == "hotpotqa-0"}
     assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]

@@ -34,6 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
@@ -179,10 +180,30 @@ def batches(runs: list[tuple], size: int) -> list[list[tuple]]:
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, args, write) -> None:
+TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output
+
+
+@torch.no_grad()
+def teacher_forced_fidelity(model, caches: list, full_tokens: list[int], full_logprobs: torch.Tensor) -> list[dict]:
+    """Fed FullKV's own output, how closely does each compressed cache follow FullKV, token by token?
+    tf_agreement: share of positions where its next-token argmax is FullKV's token; tf_kl: mean
+    KL(FullKV || it). The calibration objective, measured on evaluation samples; unlike greedy
+    agreement it does not stop counting at the first divergence, so it is far less noisy."""
+    if len(full_tokens) < 2:
+        return [{"tf_agreement": None, "tf_kl": None}] * len(caches)
+    cont = torch.tensor(full_tokens[:TF_TOKENS], device=full_logprobs.device)
+    batch = M.stack_caches(caches, room=len(cont))  # a copy: `caches` stay unchanged
+    logprobs = F.log_softmax(M.forward(model, cont[None, :-1].expand(len(caches), -1), batch).float(), -1)  # (B, n-1, V)
+    agree = (logprobs.argmax(-1) == cont[1:]).float().mean(-1)  # (B,)
+    kl = F.kl_div(logprobs, full_logprobs.expand_as(logprobs), log_target=True, reduction="none").sum(-1).mean(-1)
+    return [{"tf_agreement": round(a, 5), "tf_kl": round(k, 6)} for a, k in zip(agree.tolist(), kl.tolist())]
+
+
+def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, args, write, full_tokens=None) -> None:
     """One prefill, then every pending (method, budget): compress a copy, decode, write a record.
     Runs of one budget decode as one batch (model.stack_caches): one pass over the weights per
-    step serves them all; each row generates what it would alone (tested)."""
+    step serves them all; each row generates what it would alone (tested). FullKV runs first
+    (or its tokens come from an earlier run): the teacher-forced fidelity needs its output."""
     task = sample["dataset"]
     ids = LB.prompt_ids(tokenizer, sample, prompts[task], args.max_length)
     tokens = torch.tensor([ids], device=args.device)
@@ -196,18 +217,26 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
         stop_ids += tokenizer.encode("\n", add_special_tokens=False).ids[-1:]
         logits = logits.clone()
         logits[:, stop_ids] = float("-inf")
+    full_logprobs = None
     for group in batches(runs, args.batch):
         t0 = time.perf_counter()
         caches = [cache.clone() if plan is None else K.apply_plan(cache, stats, plan, room=max_new + 1)
                   for _, _, plan in group]
         kv_bytes = [c.nbytes() for c in caches]  # the compressed prompt, before any generated token
+        if group[0][2] is None:  # FullKV: agrees with itself
+            fidelity = [{"tf_agreement": 1.0, "tf_kl": 0.0}]
+        else:
+            if full_logprobs is None and len(full_tokens) > 1:
+                full_logprobs = K.teacher_forced_logprobs(model, cache.clone(), tokens.new_tensor(full_tokens[:TF_TOKENS]))
+            fidelity = teacher_forced_fidelity(model, caches, full_tokens, full_logprobs)
         batch = caches[0] if len(caches) == 1 else M.stack_caches(caches, room=max_new + 1)
         outs = M.generate_batch(model, batch, logits.expand(len(caches), -1), max_new, stop_ids)
         seconds = (time.perf_counter() - t0) / len(group)  # a batch's time, shared by its runs
-        for (method, budget, plan), out, kv in zip(group, outs, kv_bytes):
+        for (method, budget, plan), out, kv, fid in zip(group, outs, kv_bytes, fidelity):
             out = out[:-1] if out and out[-1] in stop_ids else out
+            full_tokens = out if plan is None else full_tokens
             write({"id": sample["_id"], "task": task, "method": method, "budget": budget,
-                   "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out,
+                   "plan": plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out, **fid,
                    "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(seconds, 4),
                    "prefill_seconds": round(prefill_s, 4)})
 
@@ -252,12 +281,19 @@ def check_run_config(out: Path, config: dict) -> None:
 # ----------------------------------------------------------------------------- metrics
 
 
-def fidelity(tokens: list[list[int]], full: list[list[int]]) -> dict:
+def fidelity(records: list[dict], full: list[list[int]]) -> dict:
+    """Agreement with FullKV over samples: greedy outputs (exact, common prefix) and teacher-forced."""
     def prefix(a, b):
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return n / len(b) if b else float(a == b)
+
+    def mean_of(key):  # records made before teacher-forced fidelity existed have no value
+        values = [r[key] for r in records if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+    tokens = [r["tokens"] for r in records]
     return {"exact_match": sum(a == b for a, b in zip(tokens, full)) / len(full),
-            "prefix_agreement": sum(prefix(a, b) for a, b in zip(tokens, full)) / len(full)}
+            "prefix_agreement": sum(prefix(a, b) for a, b in zip(tokens, full)) / len(full),
+            "tf_agreement": mean_of("tf_agreement"), "tf_kl": mean_of("tf_kl")}
 
 
 def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> dict:
@@ -272,7 +308,7 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
                                      next(s["all_classes"] for s in samples if s["dataset"] == t)) for t in tasks}
         key = "full" if budget is None else str(budget)
         scores.setdefault(method, {})[key] = {"tasks": per_task, "average": sum(per_task.values()) / len(tasks)}
-        fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget)["tokens"] for s in samples], full_tokens)
+        fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget) for s in samples], full_tokens)
     prefills = {s["_id"]: rec(s, "fullkv", None)["prefill_seconds"] for s in samples}
     saved = sum(prefills.values()) * (len(runs) - 1)
     return {**header, "tasks": tasks, "n_samples": len(samples), "scores": scores, "fidelity": fid,
@@ -283,61 +319,76 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
 
 
 def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
-    """Per budget, per PolyKV variant: on the task average and on prefix agreement."""
+    """Per budget, per PolyKV variant: on the task average, on prefix agreement and on teacher-forced
+    agreement, each against the baseline that is best on that measure."""
     out = {}
     full = scores["fullkv"]["full"]["average"]
     for budget in sorted({b for _, b, _ in runs if b is not None}):
         b = str(budget)
         base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
         base_f = {m: fid[m][b]["prefix_agreement"] for m in BASELINES if b in fid.get(m, {})}
+        base_t = {m: fid[m][b]["tf_agreement"] for m in BASELINES if fid.get(m, {}).get(b, {}).get("tf_agreement") is not None}
         if not base:
             continue
         best, best_f = max(base, key=base.get), max(base_f, key=base_f.get)
+        best_t = max(base_t, key=base_t.get, default=None)
         for m in POLYKV:
             if b in scores.get(m, {}):
-                p, pf = scores[m][b]["average"], fid[m][b]["prefix_agreement"]
+                p, pf, pt = scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"]
                 out.setdefault(b, {})[m] = {
                     # only defined when FullKV beats the best baseline: with too few samples it may not
                     "score": (p - base[best]) / (full - base[best]) if full > base[best] else None,
                     "best_baseline": best, "best_baseline_average": base[best], "fullkv_average": full,
                     "baselines_compared": sorted(base),
                     "fidelity": (pf - base_f[best_f]) / (1 - base_f[best_f]) if base_f[best_f] < 1 else None,
-                    "best_baseline_fidelity": best_f}
+                    "best_baseline_fidelity": best_f,
+                    "tf_agreement": (pt - base_t[best_t]) / (1 - base_t[best_t])
+                    if best_t and pt is not None and base_t[best_t] < 1 else None,
+                    "best_baseline_tf_agreement": best_t}
     return out
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
     lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, prompts truncated to "
              f"{metrics['max_length']} tokens, {metrics['excluded_calibration_samples']} calibration samples excluded. "
-             "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share)."]
+             "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
+             f"tf agree / tf KL: fed FullKV's output (first {TF_TOKENS} tokens), share of next tokens predicted as "
+             "FullKV does / mean KL(FullKV || method)."]
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
     if len(budgets) > 1:  # overview: average score (prefix agreement with FullKV) per method and budget
-        lines += ["\n### Summary: average score (prefix agreement with FullKV)\n",
+        lines += ["\n### Summary: average score / prefix agreement / teacher-forced agreement with FullKV\n",
                   "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
         for m, per in metrics["scores"].items():
-            cell = lambda k: f"{per[k]['average']:.2f} ({metrics['fidelity'][m][k]['prefix_agreement']:.2f})" if k in per else "–"  # noqa: E731
+            cell = lambda k: (f"{per[k]['average']:.2f} / {metrics['fidelity'][m][k]['prefix_agreement']:.2f} / "  # noqa: E731
+                              f"{fmt(metrics['fidelity'][m][k]['tf_agreement'])}" if k in per else "–")
             lines.append(f"| {m} | " + " | ".join(cell("full" if m == "fullkv" else str(b)) for b in budgets) + " |")
         for name in POLYKV:
             gaps = [metrics["gap_recovery"].get(str(b), {}).get(name) for b in budgets]
             if any(gaps):
-                pct = lambda g, k: "–" if not g or g[k] is None else f"{100 * g[k]:.1f}%"  # noqa: E731
-                lines.append(f"| {name} gap recovery: score (prefix) | "
-                             + " | ".join(f"{pct(g, 'score')} ({pct(g, 'fidelity')})" for g in gaps) + " |")
+                pct = lambda g, k: "–" if not g or g.get(k) is None else f"{100 * g[k]:.1f}%"  # noqa: E731
+                lines.append(f"| {name} gap recovery | "
+                             + " | ".join(f"{pct(g, 'score')} / {pct(g, 'fidelity')} / {pct(g, 'tf_agreement')}" for g in gaps) + " |")
     for b in budgets:
         lines += [f"\n### Average budget {b} tokens per KV head per layer ({metrics['n_samples']} samples)\n",
-                  "| method | " + " | ".join(tasks) + " | avg | exact | prefix |",
-                  "|---" * (len(tasks) + 4) + "|"]
+                  "| method | " + " | ".join(tasks) + " | avg | exact | prefix | tf agree | tf KL |",
+                  "|---" * (len(tasks) + 6) + "|"]
         for m, per in metrics["scores"].items():
             key = "full" if m == "fullkv" else str(b)
             if key in per:
                 s, f = per[key], metrics["fidelity"][m][key]
                 lines.append(f"| {m} | " + " | ".join(f"{s['tasks'][t]:.1f}" for t in tasks)
-                             + f" | **{s['average']:.2f}** | {f['exact_match']:.2f} | {f['prefix_agreement']:.2f} |")
+                             + f" | **{s['average']:.2f}** | {f['exact_match']:.2f} | {f['prefix_agreement']:.2f} | "
+                             f"{fmt(f['tf_agreement'])} | {fmt(f['tf_kl'], 4)} |")
         for m, g in metrics["gap_recovery"].get(str(b), {}).items():
             pct = lambda x: "n/a (FullKV does not beat the best baseline here)" if x is None else f"{100 * x:.1f}%"  # noqa: E731
             lines.append(f"\n{m}: gap recovery {pct(g['score'])} of the gap to FullKV over the best baseline "
-                         f"({g['best_baseline']}); on prefix agreement {pct(g['fidelity'])} (vs {g['best_baseline_fidelity']})")
+                         f"({g['best_baseline']}); on prefix agreement {pct(g['fidelity'])} (vs {g['best_baseline_fidelity']}); "
+                         f"on teacher-forced agreement {pct(g.get('tf_agreement'))} (vs {g.get('best_baseline_tf_agreement')})")
     return "\n".join(lines) + "\n"
 
 
@@ -505,8 +556,9 @@ def main(argv=None) -> int:
             pending = [r for r in runs if run_key(sample["_id"], r[0], r[1], plan_fingerprint(r[2])) not in done]
             bar.update(len(runs) - len(pending))
             if pending:
+                full = done.get(run_key(sample["_id"], "fullkv", None, None), {}).get("tokens")
                 evaluate_sample(model, tokenizer, sample, prompts, maxlens, pending, stops, args,
-                                lambda r: (write(r), bar.update(1)))
+                                lambda r: (write(r), bar.update(1)), full)
     barrier()
     if rank == 0:
         report(out, samples, runs, header, world)

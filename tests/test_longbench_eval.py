@@ -89,10 +89,13 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["hotpotqa", "trec"] and metrics["n_samples"] == 4
     assert set(metrics["scores"]) == {"fullkv", "h2o", "snapkv"}
-    assert metrics["fidelity"]["fullkv"]["full"] == {"exact_match": 1.0, "prefix_agreement": 1.0}
+    assert metrics["fidelity"]["fullkv"]["full"] == {"exact_match": 1.0, "prefix_agreement": 1.0, "tf_agreement": 1.0,
+                                                     "tf_kl": 0.0}
+    tf = metrics["fidelity"]["h2o"]["48"]
+    assert 0 <= tf["tf_agreement"] < 1 and tf["tf_kl"] > 0
     assert set(metrics["scores"]["h2o"]) == {"48", "64"}
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
-    assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 (" in printed  # the summary table
+    assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
     # the compressed caches really are smaller than the full one
     kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == "hotpotqa-0"}
     assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]
@@ -103,6 +106,27 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert E.main(args(ckpt, data, out, "--methods", "h2o", "snapkv", "--budgets", "48", "64")) == 0
     assert calls == [] and (out / "predictions.jsonl").read_text() == before
     assert json.loads((out / "metrics.json").read_text())["scores"] == metrics["scores"]
+
+
+def test_teacher_forced_fidelity_equals_one_cache_at_a_time(ckpt):
+    """The batched teacher-forced fidelity equals, per cache, the plain teacher-forced pass:
+    agreement = argmax matches, KL = polykv.continuation_kl; an uncompressed cache agrees fully."""
+    model = M.load_model(ckpt)
+    torch.manual_seed(0)
+    logits, cache, stats = K.prefill_with_stats(model, torch.randint(0, 200, (1, 120)), 32)
+    full_tokens = M.generate(model, cache.clone(), logits, 20)
+    plans = [K.uniform_plan(N_LAYERS, p, 48) for p in ("h2o", "tova")] + [K.pyramid_plan(N_LAYERS, 64)]
+    caches = [cache.clone()] + [K.apply_plan(cache, stats, p) for p in plans]
+    cont = torch.tensor(full_tokens)
+    full_lp = K.teacher_forced_logprobs(model, cache.clone(), cont)
+    got = E.teacher_forced_fidelity(model, caches, full_tokens, full_lp)
+    assert got[0] == {"tf_agreement": 1.0, "tf_kl": 0.0}
+    for c, g in zip(caches[1:], got[1:]):
+        lp = K.teacher_forced_logprobs(model, c.clone(), cont)
+        assert g["tf_agreement"] == pytest.approx((lp.argmax(-1) == cont[1:]).float().mean().item(), abs=1e-5)
+        assert g["tf_kl"] == pytest.approx(K.continuation_kl(full_lp, model, c.clone(), cont), rel=1e-4, abs=1e-6)
+    assert any(g["tf_agreement"] < 1 for g in got[1:])
+    assert E.teacher_forced_fidelity(model, caches, full_tokens[:1], full_lp)[1]["tf_agreement"] is None
 
 
 def test_batched_decoding_equals_one_by_one(ckpt, data, tmp_path):

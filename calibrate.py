@@ -373,6 +373,25 @@ def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048
     return {b: {n: out_dir / f"budget{b}" / f"{n}.json" for n in names} for b in budgets}
 
 
+def summarize(plan_dir: Path) -> str:
+    """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
+    rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL |", "|---" * 6 + "|"]
+    for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
+        plans = {n: K.load_plan(budget_dir / f"{n}.json") for n in PLAN_NAMES if (budget_dir / f"{n}.json").is_file()}
+        if not plans:
+            continue
+        cal = next(iter(plans.values())).info["calibration"]
+        rows.append(f"| {budget_dir.name[6:]} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | "
+                    f"{budget_dir.name[6:]} everywhere | {cal['best_uniform_in_sample_kl']:.4f} | "
+                    f"{cal['best_uniform_validation_kl']:.4f} |")
+        for name, plan in plans.items():
+            routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in CANDIDATES if p in plan.policies)
+            c = plan.info["calibration"]
+            rows.append(f"| | {name} | {routing} | {min(plan.budgets)} … {max(plan.budgets)} | "
+                        f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="PolyKV offline calibration -> plan JSON (+ PNG) per budget.")
     p.add_argument("--budget", type=int, default=None, help="target average budget (tokens per KV head per layer)")
@@ -389,7 +408,12 @@ def main(argv=None) -> None:
                    help="keep a change only if it lowers the KL on more than this share of samples (0 = mean only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
+                   help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summarize(args.summary))
+        return
     budgets = args.budgets or [args.budget or 512]
     model_dir = args.model or M.default_model_dir()
     model = M.load_model(model_dir, args.device)

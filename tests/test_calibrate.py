@@ -107,6 +107,9 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     tokens = torch.tensor([tokenizer.encode("hello " * 150).ids])
     out = K.generate_with_plan(model, tokens, K.load_plan(paths[64]["polykv"]), 5)
     assert len(out) == 5
+    table = C.summarize(tmp_path)  # read back from the JSONs
+    kl = K.load_plan(paths[64]["polykv"]).info["calibration"]["validation_kl"]
+    assert f"| 64 | uniform " in table and f"| {kl:.4f} |" in table and table.count("\n") == 5
     # a rerun with the same settings keeps the written plans (an interrupted run resumes) ...
     before = paths[64]["polykv"].read_text()
     with monkeypatch.context() as m:

@@ -200,7 +200,8 @@ def calibrate_budget(model, refs, val_refs, average: int, settings: K.Settings, 
     n = model.cfg.n_layers
     full_budget = max(r.cache.lengths[0] for r in refs)
     objective = lambda p, b: sample_kls(model, refs, p, b, settings)  # noqa: E731
-    low, high = settings.window, max(4 * average, settings.window)
+    # a layer never needs more than the calibration prompts hold: budget above that would be unused
+    low, high = settings.window, max(average, min(4 * average, full_budget), settings.window)
 
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in CANDIDATES}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))

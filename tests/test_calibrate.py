@@ -94,6 +94,7 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     for name, path in paths[64].items():
         plan = K.load_plan(path, n_layers=2)
         K.validate_plan(plan, 2, average=64)
+        assert max(plan.budgets) <= 200  # never more than the calibration prompts hold (max_length 200)
         assert path.with_suffix(".png").stat().st_size > 1000
         cal = plan.info["calibration"]
         assert cal["in_sample_kl"] <= cal["best_uniform_in_sample_kl"] + 1e-9

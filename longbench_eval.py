@@ -17,8 +17,12 @@ Fidelity to FullKV (far less noisy than task scores on a small model), per metho
 - exact_match: share of samples whose generated tokens equal FullKV's;
 - prefix_agreement: mean over samples of (common token prefix with FullKV) / len(FullKV),
   i.e. how far the method follows FullKV's greedy output before the first divergence.
+- tf_agreement / tf_kl: fed FullKV's own output (teacher forcing), the share of positions
+  where the method's next-token argmax is FullKV's token, and the mean KL(FullKV || method):
+  the calibration objective, measured on the evaluation samples.
 Gap recovery = (PolyKV - best baseline) / (FullKV - best baseline) at the same budget on the
-same samples; the best baseline is the best of the requested single-policy methods and
+same samples, for the task average and for each fidelity measure (FullKV: agreement 1, KL 0);
+the best baseline, chosen per measure, is the best of the requested single-policy methods and
 pyramidkv (streamingllm, h2o, snapkv, tova, knorm, random, pyramidkv).
 """
 from __future__ import annotations
@@ -328,13 +332,15 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
         base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
         base_f = {m: fid[m][b]["prefix_agreement"] for m in BASELINES if b in fid.get(m, {})}
         base_t = {m: fid[m][b]["tf_agreement"] for m in BASELINES if fid.get(m, {}).get(b, {}).get("tf_agreement") is not None}
+        base_k = {m: fid[m][b]["tf_kl"] for m in base_t}
         if not base:
             continue
         best, best_f = max(base, key=base.get), max(base_f, key=base_f.get)
-        best_t = max(base_t, key=base_t.get, default=None)
+        best_t, best_k = max(base_t, key=base_t.get, default=None), min(base_k, key=base_k.get, default=None)
         for m in POLYKV:
             if b in scores.get(m, {}):
-                p, pf, pt = scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"]
+                p, pf, pt, pk = (scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"],
+                                 fid[m][b]["tf_kl"])
                 out.setdefault(b, {})[m] = {
                     # only defined when FullKV beats the best baseline: with too few samples it may not
                     "score": (p - base[best]) / (full - base[best]) if full > base[best] else None,
@@ -344,7 +350,10 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
                     "best_baseline_fidelity": best_f,
                     "tf_agreement": (pt - base_t[best_t]) / (1 - base_t[best_t])
                     if best_t and pt is not None and base_t[best_t] < 1 else None,
-                    "best_baseline_tf_agreement": best_t}
+                    "best_baseline_tf_agreement": best_t,
+                    # FullKV's KL to itself is 0: the share of the best baseline's KL that is removed
+                    "tf_kl": (base_k[best_k] - pk) / base_k[best_k] if best_k and pk is not None and base_k[best_k] > 0 else None,
+                    "best_baseline_tf_kl": best_k}
     return out
 
 
@@ -371,8 +380,8 @@ def markdown(metrics: dict) -> str:
             gaps = [metrics["gap_recovery"].get(str(b), {}).get(name) for b in budgets]
             if any(gaps):
                 pct = lambda g, k: "–" if not g or g.get(k) is None else f"{100 * g[k]:.1f}%"  # noqa: E731
-                lines.append(f"| {name} gap recovery | "
-                             + " | ".join(f"{pct(g, 'score')} / {pct(g, 'fidelity')} / {pct(g, 'tf_agreement')}" for g in gaps) + " |")
+                lines.append(f"| {name} gap recovery: score / prefix / tf agree / tf KL | " + " | ".join(
+                    f"{pct(g, 'score')} / {pct(g, 'fidelity')} / {pct(g, 'tf_agreement')} / {pct(g, 'tf_kl')}" for g in gaps) + " |")
     for b in budgets:
         lines += [f"\n### Average budget {b} tokens per KV head per layer ({metrics['n_samples']} samples)\n",
                   "| method | " + " | ".join(tasks) + " | avg | exact | prefix | tf agree | tf KL |",
@@ -388,7 +397,8 @@ def markdown(metrics: dict) -> str:
             pct = lambda x: "n/a (FullKV does not beat the best baseline here)" if x is None else f"{100 * x:.1f}%"  # noqa: E731
             lines.append(f"\n{m}: gap recovery {pct(g['score'])} of the gap to FullKV over the best baseline "
                          f"({g['best_baseline']}); on prefix agreement {pct(g['fidelity'])} (vs {g['best_baseline_fidelity']}); "
-                         f"on teacher-forced agreement {pct(g.get('tf_agreement'))} (vs {g.get('best_baseline_tf_agreement')})")
+                         f"on teacher-forced agreement {pct(g.get('tf_agreement'))} (vs {g.get('best_baseline_tf_agreement')}); "
+                         f"on teacher-forced KL {pct(g.get('tf_kl'))} (vs {g.get('best_baseline_tf_kl')})")
     return "\n".join(lines) + "\n"
 
 

@@ -191,6 +191,10 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
     assert metrics["excluded_calibration_samples"] == 2
     gap = metrics["gap_recovery"]["48"]["polykv"]
     assert gap["best_baseline"] == "snapkv" and "fidelity" in gap
+    fid = metrics["fidelity"]
+    assert gap["tf_kl"] == pytest.approx((fid["snapkv"]["48"]["tf_kl"] - fid["polykv"]["48"]["tf_kl"]) / fid["snapkv"]["48"]["tf_kl"])
+    best = fid[gap["best_baseline_tf_agreement"]]["48"]["tf_agreement"]
+    assert gap["tf_agreement"] == pytest.approx((fid["polykv"]["48"]["tf_agreement"] - best) / (1 - best))
     # asking explicitly for a calibration sample is refused
     assert E.main(args(ckpt, data, tmp_path / "x", "--plan", *plans, "--ids", "hotpotqa-0", "trec-0")) == 2
     assert "both calibration and evaluation" in capsys.readouterr().err

@@ -271,6 +271,14 @@ def open_writer(path: Path):
     return f, write
 
 
+def data_id(data_dir: Path | None) -> str:
+    """Which data a run used, wherever the folder lies: a hash of its task files' names and sizes."""
+    if data_dir is None:
+        return "synthetic"
+    files = sorted((p.name, p.stat().st_size) for p in Path(data_dir).glob("*.jsonl"))
+    return "longbench-" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
+
+
 def check_run_config(out: Path, config: dict) -> None:
     """Refuse to resume into a folder holding results made with other settings. (Plans may change:
     each record carries its plan's fingerprint, so a new plan only re-runs its own method.)"""
@@ -533,7 +541,7 @@ def setup(args):
               "limit": f"{args.limit} per task" if args.limit and not args.ids else "chosen ids" if args.ids else "all",
               "skipped_tasks": skipped}
     if rank_world()[0] == 0:
-        check_run_config(out, {k: header[k] for k in ("model", "data", "max_length", "dtype", "settings")})
+        check_run_config(out, {"data_id": data_id(data_dir)} | {k: header[k] for k in ("model", "max_length", "dtype", "settings")})
     return model, tokenizer, Path(model_dir), samples, prompts, maxlens, runs, out, header
 
 

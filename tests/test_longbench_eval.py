@@ -2,6 +2,7 @@
 outputs, resume, a 2-process gloo run equal to 1 process, calibration-id exclusion, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,18 @@ def test_interrupted_run_resumes_only_missing(ckpt, data, tmp_path, monkeypatch,
     # resuming into a folder made with other settings is refused
     assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48", "--max-length", "180")) == 2
     assert "holds a run with different max_length" in capsys.readouterr().err
+
+
+def test_resume_follows_the_data_not_its_path(ckpt, data, tmp_path, monkeypatch, capsys):
+    out, moved = tmp_path / "run", tmp_path / "elsewhere"
+    assert E.main(args(ckpt, data, out, "--methods", "tova", "--budget", "48")) == 0
+    shutil.copytree(data, moved)  # the same files in another place: the run resumes, nothing recomputed
+    monkeypatch.setattr(M, "generate_batch", lambda *a, **k: pytest.fail("recomputed a finished run"))
+    assert E.main(args(ckpt, moved, out, "--methods", "tova", "--budget", "48")) == 0
+    rows = (moved / "trec.jsonl").read_text().splitlines()
+    (moved / "trec.jsonl").write_text("\n".join(rows[:2]) + "\n")  # other data: refused
+    assert E.main(args(ckpt, moved, out, "--methods", "tova", "--budget", "48")) == 2
+    assert "holds a run with different data_id" in capsys.readouterr().err
 
 
 def test_synthetic_fallback_says_so(ckpt, tmp_path, monkeypatch, capsys):

@@ -366,12 +366,11 @@ def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048
     key = settings_key(model_dir, {"max_length": max_length, "settings": asdict(settings),
                                    "data": "longbench" if data_dir else "synthetic", **CALIBRATION_DEFAULTS, **kw})
     out_dir = Path(root) / Path(model_dir).name / key
-    names = PLAN_NAMES
-    missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in names)]
+    missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in PLAN_NAMES)]
     if missing:
         print(f"calibrating PolyKV for budgets {missing} (cached in {out_dir})")
         run(model, tokenizer, model_dir, missing, data_dir, out_dir, max_length, settings=settings, **kw)
-    return {b: {n: out_dir / f"budget{b}" / f"{n}.json" for n in names} for b in budgets}
+    return {b: {n: out_dir / f"budget{b}" / f"{n}.json" for n in PLAN_NAMES} for b in budgets}
 
 
 def summarize(plan_dir: Path) -> str:

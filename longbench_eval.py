@@ -101,6 +101,10 @@ def select_samples(by_task, tasks, limit, ids, excluded, max_length) -> tuple[li
 # ----------------------------------------------------------------------------- plans
 
 
+def committed_plan_path(model_dir: Path, method: str, budget: int) -> Path:
+    return PROJECT / "plans" / model_dir.name / f"budget{budget}" / f"{method}.json"
+
+
 def load_checked_plan(path, model_dir: Path, n_layers: int) -> K.Plan:
     """A PolyKV plan for THIS model: its name, model and layer count are checked."""
     plan = K.load_plan(path)  # readable, and valid for its own layer count
@@ -121,7 +125,7 @@ def polykv_plans(args, names, budgets, model, tokenizer, model_dir, data_dir) ->
     if args.plan:
         plans = [load_checked_plan(p, model_dir, n) for p in args.plan]
         return {(p.name, int(p.average_budget)): p for p in plans}
-    default = {(m, b): PROJECT / "plans" / model_dir.name / f"budget{b}" / f"{m}.json" for m in names for b in budgets}
+    default = {(m, b): committed_plan_path(model_dir, m, b) for m in names for b in budgets}
     paths = {k: p for k, p in default.items() if p.is_file()}
     missing = sorted({b for (m, b) in default if (m, b) not in paths})
     if missing:
@@ -136,7 +140,7 @@ def polykv_plans(args, names, budgets, model, tokenizer, model_dir, data_dir) ->
 
 def committed_plans(model_dir: Path, budgets, n_layers: int) -> list[K.Plan]:
     """The committed PolyKV plans of this model at these budgets, whether or not PolyKV runs now."""
-    paths = [p for b in budgets for m in POLYKV if (p := PROJECT / "plans" / model_dir.name / f"budget{b}" / f"{m}.json").is_file()]
+    paths = [p for b in budgets for m in POLYKV if (p := committed_plan_path(model_dir, m, b)).is_file()]
     return [load_checked_plan(p, model_dir, n_layers) for p in paths]
 
 

@@ -100,7 +100,7 @@ def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
     ref.trunks[tuple(layers)] = inputs
     while len(ref.trunks) > N_TRUNKS:
         ref.trunks.pop(next(iter(ref.trunks)))  # the least recently used
-    return F.kl_div(logprobs, ref.full_logprobs, log_target=True, reduction="none").sum(-1).mean().item()
+    return K.mean_kl(ref.full_logprobs, logprobs).item()
 
 
 def sample_kls(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> list[float]:

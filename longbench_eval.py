@@ -203,7 +203,7 @@ def teacher_forced_fidelity(model, caches: list, full_tokens: list[int], full_lo
     batch = M.stack_caches(caches, room=len(cont))  # a copy: `caches` stay unchanged
     logprobs = F.log_softmax(M.forward(model, cont[None, :-1].expand(len(caches), -1), batch).float(), -1)  # (B, n-1, V)
     agree = (logprobs.argmax(-1) == cont[1:]).float().mean(-1)  # (B,)
-    kl = F.kl_div(logprobs, full_logprobs.expand_as(logprobs), log_target=True, reduction="none").sum(-1).mean(-1)
+    kl = K.mean_kl(full_logprobs, logprobs)  # (B,)
     return [{"tf_agreement": round(a, 5), "tf_kl": round(k, 6)} for a, k in zip(agree.tolist(), kl.tolist())]
 
 

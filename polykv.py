@@ -219,6 +219,12 @@ def teacher_forced_logprobs(model: M.Transformer, cache: M.KVCache, continuation
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def mean_kl(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(full || compressed) of next-token distributions, summed over the vocabulary, averaged
+    over positions (the last dim but one): (..., N, V) log-probs -> (...,). The calibration objective."""
+    return F.kl_div(logprobs, full_logprobs.expand_as(logprobs), log_target=True, reduction="none").sum(-1).mean(-1)
+
+
 def continuation_kl(full_logprobs: torch.Tensor, model: M.Transformer, compressed: M.KVCache,
                     continuation: torch.Tensor) -> float:
     """Mean over the continuation of KL(full || compressed) of the next-token distributions.
@@ -227,7 +233,7 @@ def continuation_kl(full_logprobs: torch.Tensor, model: M.Transformer, compresse
     if continuation.numel() < 2:
         return 0.0
     comp = teacher_forced_logprobs(model, compressed, continuation)
-    return F.kl_div(comp, full_logprobs, log_target=True, reduction="none").sum(-1).mean().item()
+    return mean_kl(full_logprobs, comp).item()
 
 
 def move_budget(budgets: list[int], src: int, dst: int, quantum: int, low: int, high: int) -> list[int] | None:

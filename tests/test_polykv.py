@@ -153,6 +153,16 @@ def test_kl_is_zero_when_nothing_is_evicted_and_grows_as_budgets_shrink():
     assert kls[0] < 1e-6 and kls[1] > 1e-5 and kls[2] > kls[1]
 
 
+def test_mean_kl_is_the_textbook_kl_averaged_over_positions():
+    g = torch.Generator().manual_seed(0)
+    full = torch.log_softmax(torch.randn(5, 11, generator=g), -1)  # (N, V)
+    comp = torch.log_softmax(torch.randn(3, 5, 11, generator=g), -1)  # (B, N, V)
+    naive = [sum(sum(full[t, v].exp() * (full[t, v] - comp[b, t, v]) for v in range(11)) for t in range(5)) / 5
+             for b in range(3)]
+    assert torch.allclose(K.mean_kl(full, comp), torch.stack(naive), atol=1e-6)
+    assert K.mean_kl(full, full).abs().max() < 1e-6
+
+
 @hsettings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(32, 600), min_size=2, max_size=12), st.data())
 def test_move_budget_keeps_total_and_bounds(budgets, data):

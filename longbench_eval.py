@@ -394,6 +394,11 @@ def markdown(metrics: dict) -> str:
                 pct = lambda g, k: "–" if not g or g.get(k) is None else f"{100 * g[k]:.1f}%"  # noqa: E731
                 lines.append(f"| {name} gap recovery: score / prefix / tf agree / tf KL | " + " | ".join(
                     f"{pct(g, 'score')} / {pct(g, 'fidelity')} / {pct(g, 'tf_agreement')} / {pct(g, 'tf_kl')}" for g in gaps) + " |")
+        lines += ["\n### Summary: teacher-forced KL(FullKV || method), lower is better\n",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+        for m, per in metrics["fidelity"].items():
+            if m != "fullkv":
+                lines.append(f"| {m} | " + " | ".join(fmt(per.get(str(b), {}).get("tf_kl"), 4) for b in budgets) + " |")
     for b in budgets:
         lines += [f"\n### Average budget {b} tokens per KV head per layer ({metrics['n_samples']} samples)\n",
                   "| method | " + " | ".join(tasks) + " | avg | exact | prefix | tf agree | tf KL |",

@@ -97,6 +97,8 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert set(metrics["scores"]["h2o"]) == {"48", "64"}
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
     assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
+    kl_row = f"| h2o | {tf['tf_kl']:.4f} | {metrics['fidelity']['h2o']['64']['tf_kl']:.4f} |"
+    assert kl_row in printed  # the teacher-forced KL summary, one column per budget
     # the compressed caches really are smaller than the full one
     kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == "hotpotqa-0"}
     assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]

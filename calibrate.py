@@ -144,10 +144,11 @@ def layer_sensitivity(objective: Objective, n_layers: int, policy: str, budget: 
 
 def search(objective: Objective, policies: list[str], budgets: list[int], order: list[int], *, route: bool,
            allocate: bool, candidates=CANDIDATES, quantum: int = 32, low: int = 32, high: int = 4096,
-           max_evals: int = 200, max_sweeps: int = 3, min_win_share: float = 0.5) -> tuple[list[str], list[int], float, list[dict]]:
+           max_evals: int = 200, max_sweeps: int = 3, min_win_share: float = 0.5,
+           heads: int = 1) -> tuple[list[str], list[int], float, list[dict]]:
     """Coordinate descent over layers in `order` (most sensitive first).
 
-    Routing tries every candidate policy for the layer; allocation moves one quantum
+    Routing tries every candidate policy for the layer (per KV head if heads > 1); allocation moves one quantum
     into the layer from the least sensitive layer that can give (last in `order`),
     and out of it to the most sensitive one that can take. A change is kept only if
     it `is_better`, so the result is never worse than the start. Returns the mean KL."""
@@ -171,9 +172,12 @@ def search(objective: Objective, policies: list[str], budgets: list[int], order:
         changed = False
         for layer in order:
             if route:
-                for policy in candidates:
-                    if policy != policies[layer]:
-                        changed |= consider(K.reroute(policies, layer, policy), budgets, f"layer {layer} -> {policy}")
+                for head in [None] if heads == 1 else range(heads):  # the whole layer, or one KV head at a time
+                    for policy in candidates:
+                        routed = K.reroute(policies, layer, policy, head, heads)
+                        if routed != policies:
+                            where = f"layer {layer}" + ("" if head is None else f" head {head}")
+                            changed |= consider(routed, budgets, f"{where} -> {policy}")
             if allocate:
                 donor = next((l for l in reversed(order) if K.move_budget(budgets, l, layer, quantum, low, high)), None)
                 if donor is not None and consider(policies, K.move_budget(budgets, donor, layer, quantum, low, high),
@@ -246,7 +250,8 @@ def calibrate_budget(model, refs, val_refs, average: int, settings: K.Settings, 
 
 
 def plot_plan(plan: K.Plan, sensitivity: list[float], path: Path) -> None:
-    """Per-layer budget bars coloured by policy, with the layer sensitivity on a second axis."""
+    """Per-layer budget bars coloured by policy (a head-routed layer: one thin bar per KV head),
+    with the layer sensitivity on a second axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -254,10 +259,14 @@ def plot_plan(plan: K.Plan, sensitivity: list[float], path: Path) -> None:
     colours = dict(zip(CANDIDATES + ("random",), plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(figsize=(10, 4))
     layers = range(len(plan.budgets))
-    ax.bar(layers, plan.budgets, color=[colours[p] for p in plan.policies])
+    for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
+        names = K.head_policies(policy)
+        width = 0.8 / len(names)
+        for head, name in enumerate(names):
+            ax.bar(layer - 0.4 + width * (head + 0.5), budget, width=width, color=colours[name])
     ax.set(xlabel="layer", ylabel="budget (tokens per KV head)",
            title=f"{plan.name}: {plan.model}, average budget {plan.average_budget:.0f}")
-    for p in sorted(set(plan.policies)):
+    for p in sorted({name for policy in plan.policies for name in K.head_policies(policy)}):
         ax.bar(0, 0, color=colours[p], label=p)
     ax.legend(loc="upper left", fontsize=8)
     ax2 = ax.twinx()
@@ -318,13 +327,9 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
     if not budgets:
         return paths
     lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, n_per_task, seed)
-    stop_ids = M.stop_token_ids(model_dir, tokenizer)
     t0 = time.perf_counter()
-    refs, val_refs = [], []
-    for sid in tqdm(search_ids + val_ids, desc="prefill + FullKV reference"):
-        task, sample = lookup[sid]
-        ids = LB.prompt_ids(tokenizer, sample, prompts[task], max_length)
-        (refs if sid in search_ids else val_refs).append(build_reference(model, ids, sid, n_continuation, stop_ids, settings.window))
+    refs, val_refs = build_references(model, tokenizer, model_dir, lookup, prompts, (search_ids, val_ids), max_length,
+                                      n_continuation, settings.window)
     prefill_seconds = sum(r.prefill_seconds for r in refs + val_refs)
     ids = {"calibration_ids": search_ids, "validation_ids": val_ids, "calibration_settings": calib_settings}
     for average in budgets:
@@ -342,6 +347,63 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | 
     total = time.perf_counter() - t0
     print(f"calibration took {total:.0f} s = {total / prefill_seconds:.1f}x the {prefill_seconds:.0f} s of prefilling "
           f"its {len(refs) + len(val_refs)} samples")
+    return paths
+
+
+def build_references(model, tokenizer, model_dir, lookup, prompts, id_lists, max_length, n_continuation, window):
+    """One list of References per list of sample ids (search, validation)."""
+    stop_ids = M.stop_token_ids(model_dir, tokenizer)
+    bar = tqdm(total=sum(map(len, id_lists)), desc="prefill + FullKV reference")
+    out = []
+    for ids in id_lists:
+        out.append([])
+        for sid in ids:
+            task, sample = lookup[sid]
+            prompt = LB.prompt_ids(tokenizer, sample, prompts[task], max_length)
+            out[-1].append(build_reference(model, prompt, sid, n_continuation, stop_ids, window))
+            bar.update()
+    bar.close()
+    return out
+
+
+def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: list[int], data_dir: Path | None,
+                 max_evals: int = 100) -> dict[int, Path]:
+    """A lever experiment, head-level routing: start from each budget's calibrated PolyKV plan and let
+    routing choose a policy per KV head (budgets kept), on the same search samples with the same
+    majority rule; scored on the same validation samples. Writes budget<B>/polykv_heads.json."""
+    done = {b: path for b in budgets if (path := Path(plan_dir) / f"budget{b}" / "polykv_heads.json").is_file()}
+    if done:
+        print(f"head-level routing already done (kept): budgets {sorted(done)}")
+    parents = {b: K.load_plan(Path(plan_dir) / f"budget{b}" / "polykv.json", model.cfg.n_layers)
+               for b in budgets if b not in done}
+    if not parents:
+        return done
+    first = next(iter(parents.values()))
+    cs = first.info["calibration_settings"]
+    if any(p.info["calibration_settings"] != cs or p.settings != first.settings for p in parents.values()):
+        raise ValueError(f"{plan_dir}: the plans of budgets {budgets} were calibrated with different settings")
+    lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, cs["n_per_task"], cs["seed"])
+    if (search_ids, val_ids) != (first.info["calibration_ids"], first.info["validation_ids"]):
+        raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
+    refs, val_refs = build_references(model, tokenizer, model_dir, lookup, prompts, (search_ids, val_ids),
+                                      cs["max_length"], cs["n_continuation"], first.settings.window)
+    objective = lambda p, b: sample_kls(model, refs, p, b, first.settings)  # noqa: E731
+    heads, paths = model.cfg.n_kv_heads, dict(done)
+    for b, parent in parents.items():
+        cal = parent.info["calibration"]
+        order = sorted(range(len(parent.policies)), key=lambda l: -cal["sensitivity"][l])
+        pol, bud, kl, trace = search(objective, parent.policies, parent.budgets, order, route=True, allocate=False,
+                                     max_evals=max_evals, min_win_share=cs["min_win_share"], heads=heads)
+        val_kl = plan_kl(model, val_refs, pol, bud, first.settings)
+        info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
+                                               "refined_from": {"in_sample_kl": cal["in_sample_kl"],
+                                                                "validation_kl": cal["validation_kl"]}}}
+        plan = K.Plan(pol, bud, "polykv_heads", parent.model, parent.settings, info)
+        paths[b] = Path(plan_dir) / f"budget{b}" / "polykv_heads.json"
+        K.save_plan(plan, paths[b])
+        plot_plan(plan, cal["sensitivity"], paths[b].with_suffix(".png"))
+        print(f"[{b}] head-level routing: {sum('/' in p for p in pol)} layers split by head; in-sample KL "
+              f"{cal['in_sample_kl']:.4f} -> {kl:.4f}, validation KL {cal['validation_kl']:.4f} -> {val_kl:.4f}")
     return paths
 
 
@@ -377,7 +439,8 @@ def summarize(plan_dir: Path) -> str:
     """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
     rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL |", "|---" * 6 + "|"]
     for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
-        plans = {n: K.load_plan(budget_dir / f"{n}.json") for n in PLAN_NAMES if (budget_dir / f"{n}.json").is_file()}
+        names = PLAN_NAMES + ("polykv_heads",)  # the last only after a --head-routing run
+        plans = {n: K.load_plan(budget_dir / f"{n}.json") for n in names if (budget_dir / f"{n}.json").is_file()}
         if not plans:
             continue
         cal = next(iter(plans.values())).info["calibration"]
@@ -386,6 +449,8 @@ def summarize(plan_dir: Path) -> str:
                     f"{cal['best_uniform_validation_kl']:.4f} |")
         for name, plan in plans.items():
             routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in CANDIDATES if p in plan.policies)
+            split = sum("/" in p for p in plan.policies)
+            routing += f", {split} split by KV head" if split else ""
             c = plan.info["calibration"]
             rows.append(f"| | {name} | {routing} | {min(plan.budgets)} … {max(plan.budgets)} | "
                         f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} |")
@@ -408,6 +473,8 @@ def main(argv=None) -> None:
                    help="keep a change only if it lowers the KL on more than this share of samples (0 = mean only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--head-routing", action="store_true",
+                   help="lever experiment: refine the PolyKV plans in --out to one policy per KV head (polykv_heads.json)")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     args = p.parse_args(argv)
@@ -421,6 +488,11 @@ def main(argv=None) -> None:
     data_dir = LB.find_data_dir(args.data_dir, ROOT)
     if data_dir is None:
         print("NOTE: no LongBench folder found: calibrating on the built-in SYNTHETIC suite")
+    if args.head_routing:
+        if not args.out:
+            raise ValueError("--head-routing refines the plans in --out PLAN_DIR: give --out")
+        refine_heads(model, tokenizer, model_dir, args.out, budgets, data_dir, args.max_evals)
+        return
     kw = dict(n_per_task=args.n_per_task, n_continuation=args.n_continuation, max_evals=args.max_evals,
               quantum=args.quantum, min_win_share=args.min_win_share, seed=args.seed)
     if args.out:

@@ -215,7 +215,7 @@ def evaluate_sample(model, tokenizer, sample, prompts, maxlens, runs, stops, arg
     task = sample["dataset"]
     ids = LB.prompt_ids(tokenizer, sample, prompts[task], args.max_length)
     tokens = torch.tensor([ids], device=args.device)
-    h2o_layers = sorted({l for _, _, p in runs if p for l, pol in enumerate(p.policies) if pol == "h2o"})
+    h2o_layers = sorted({l for _, _, p in runs if p for l in K.h2o_layers(p)})
     window = next((p.settings.window for _, _, p in runs if p), 32)
     t0 = time.perf_counter()
     logits, cache, stats = K.prefill_with_stats(model, tokens, window, h2o_layers)

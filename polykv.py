@@ -57,6 +57,23 @@ class Plan:
         return sum(self.budgets) / len(self.budgets)
 
 
+def head_policies(policy: str, n_kv: int | None = None) -> list[str]:
+    """A layer's policy per KV head. "snapkv" routes the whole layer (every head alike);
+    "snapkv/tova/h2o" is head-level routing: one policy per KV head, in head order."""
+    parts = policy.split("/")
+    return parts * n_kv if n_kv is not None and len(parts) == 1 else parts
+
+
+def layer_policy(per_head: list[str]) -> str:
+    """The inverse of head_policies: one name when every head agrees."""
+    return per_head[0] if len(set(per_head)) == 1 else "/".join(per_head)
+
+
+def h2o_layers(plan: Plan) -> list[int]:
+    """Layers whose plan needs H2O's attention column sums from the prefill (a head or the whole layer)."""
+    return [l for l, p in enumerate(plan.policies) if "h2o" in head_policies(p)]
+
+
 def uniform_plan(n_layers: int, policy: str, budget: int, settings: Settings | None = None) -> Plan:
     return Plan([policy] * n_layers, [budget] * n_layers, name=f"{policy}", settings=settings or Settings())
 
@@ -89,8 +106,9 @@ def validate_plan(plan: Plan, n_layers: int, average: int | None = None, source:
     if len(plan.policies) != n_layers or len(plan.budgets) != n_layers:
         raise ValueError(f"{source}: has {len(plan.policies)} policies and {len(plan.budgets)} budgets, the model has {n_layers} layers")
     for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
-        if policy not in P.POLICY_NAMES:
-            raise ValueError(f"{source}: layer {layer}: unknown policy {policy!r} (known: {', '.join(P.POLICY_NAMES)})")
+        if not isinstance(policy, str) or any(p not in P.POLICY_NAMES for p in head_policies(policy)):
+            raise ValueError(f"{source}: layer {layer}: unknown policy {policy!r} (known: {', '.join(P.POLICY_NAMES)}; "
+                             "one per KV head joined by '/' for head-level routing)")
         if not isinstance(budget, int) or budget <= 0:
             raise ValueError(f"{source}: layer {layer}: budget must be a positive integer, got {budget!r}")
         if budget < plan.settings.window:
@@ -175,15 +193,22 @@ def apply_plan(cache: M.KVCache, stats: PrefillStats, plan: Plan, room: int = 64
 
     A layer keeps `budget` tokens per KV head; a prompt no longer than its budget is left
     whole. Scores do not depend on the budget, so a caller applying many plans to one
-    prefill (calibration) can pass a dict to memoize them per (layer, policy)."""
+    prefill (calibration) can pass a dict to memoize them per (layer, policy). Selection is
+    per KV head, so a head-routed layer simply takes each head's row from its own policy."""
     out = M.KVCache(len(cache.lengths))
     memo = {} if score_memo is None else score_memo
     for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
         k, v = cache.keys(layer), cache.values(layer)  # (B, n_kv, T, hd)
         if k.shape[2] > budget:
-            if (layer, policy) not in memo:
-                memo[layer, policy] = layer_scores(policy, k, stats, layer, plan.settings)  # (B, n_kv, T)
-            k, v = P.gather_kv(k, v, P.select_indices(memo[layer, policy], budget, plan.settings.window))
+            names = head_policies(policy, k.shape[1])  # one per KV head
+            if len(names) != k.shape[1]:
+                raise ValueError(f"layer {layer}: policy {policy!r} names {len(names)} heads, the model has {k.shape[1]} KV heads")
+            for name in set(names):
+                if (layer, name) not in memo:
+                    memo[layer, name] = layer_scores(name, k, stats, layer, plan.settings)  # (B, n_kv, T)
+            scores = memo[layer, names[0]] if len(set(names)) == 1 else torch.stack(
+                [memo[layer, name][:, h] for h, name in enumerate(names)], dim=1)  # (B, n_kv, T)
+            k, v = P.gather_kv(k, v, P.select_indices(scores, budget, plan.settings.window))
         out.set_layer(layer, k, v, room)
     out.next_pos = cache.next_pos  # generated tokens continue from the prompt length
     return out
@@ -192,9 +217,8 @@ def apply_plan(cache: M.KVCache, stats: PrefillStats, plan: Plan, room: int = 64
 def generate_with_plan(model: M.Transformer, tokens: torch.Tensor, plan: Plan | None, max_new_tokens: int,
                        stop_ids=()) -> list[int]:
     """Prefill, compress with `plan` (None = FullKV), then greedy decoding."""
-    needs_h2o = plan is not None and "h2o" in plan.policies
     window = plan.settings.window if plan else 32
-    logits, cache, stats = prefill_with_stats(model, tokens, window, h2o_layers=None if needs_h2o else ())
+    logits, cache, stats = prefill_with_stats(model, tokens, window, h2o_layers(plan) if plan else ())
     if plan is not None:
         cache = apply_plan(cache, stats, plan, room=max_new_tokens)
     return M.generate(model, cache, logits, max_new_tokens, stop_ids)
@@ -248,10 +272,15 @@ def move_budget(budgets: list[int], src: int, dst: int, quantum: int, low: int, 
     return moved
 
 
-def reroute(policies: list[str], layer: int, policy: str) -> list[str]:
-    """Routing step: layer `layer` switches to `policy`."""
+def reroute(policies: list[str], layer: int, policy: str, head: int | None = None, n_kv: int = 1) -> list[str]:
+    """Routing step: layer `layer` (or only its KV head `head`, of n_kv) switches to `policy`."""
     routed = list(policies)
-    routed[layer] = policy
+    if head is None:
+        routed[layer] = policy
+    else:
+        per_head = head_policies(policies[layer], n_kv)
+        per_head[head] = policy
+        routed[layer] = layer_policy(per_head)
     return routed
 
 

@@ -29,6 +29,18 @@ def test_routing_finds_the_best_policy_of_each_layer():
     assert kl == pytest.approx(8 / 128)
 
 
+def test_head_level_routing_finds_the_best_policy_of_each_head():
+    best = [["h2o", "tova"], ["snapkv", "snapkv"], ["knorm", "h2o"], ["streamingllm", "snapkv"]]
+
+    def objective(policies, budgets):  # one unit per KV head whose policy is not its best
+        return [sum(p != b for pol, heads in zip(policies, best) for p, b in zip(K.head_policies(pol, 2), heads))]
+    whole = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), route=True, allocate=False)
+    assert whole[2] == 3  # a whole layer can match at most one of two disagreeing heads
+    policies, budgets, cost, _ = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), route=True,
+                                          allocate=False, heads=2)
+    assert policies == ["h2o/tova", "snapkv", "knorm/h2o", "streamingllm/snapkv"] and cost == 0 and budgets == [64] * 4
+
+
 def test_allocation_moves_budget_to_the_sensitive_layers():
     weight = [1, 1, 50, 1, 10, 1]
     objective = separable_objective(["h2o"] * 6, weight)
@@ -120,6 +132,20 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
     C.run(model, tokenizer, tiny_checkpoint, [64], None, tmp_path, 200, 2, 6, max_evals=13)
     assert K.load_plan(paths[64]["polykv"]).info["calibration_settings"]["max_evals"] == 13
     assert before != paths[64]["polykv"].read_text()
+    # head-level routing refines the polykv plan on the same samples: same start, never worse in-sample
+    parent = K.load_plan(paths[64]["polykv"])
+    heads = C.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [64], None, max_evals=12)
+    refined = K.load_plan(heads[64], n_layers=2)
+    K.validate_plan(refined, 2, average=64)
+    cal = refined.info["calibration"]
+    assert refined.name == "polykv_heads" and refined.budgets == parent.budgets
+    assert cal["search_trace"][0]["kl"] == pytest.approx(parent.info["calibration"]["in_sample_kl"], rel=1e-5)
+    assert cal["in_sample_kl"] <= parent.info["calibration"]["in_sample_kl"] + 1e-9
+    assert cal["refined_from"]["validation_kl"] == parent.info["calibration"]["validation_kl"]
+    assert "polykv_heads" in C.summarize(tmp_path)
+    with monkeypatch.context() as m:  # done budgets are kept
+        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("refined a finished budget again"))
+        assert C.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [64], None, max_evals=12) == heads
     # calibration ids are exactly the split's calibration side, never the evaluation side
     by_task, _, _ = LB.synthetic_suite(n_per_task=4, seed=0, target_words=1200)
     calib, evaluation = LB.dataset_split(by_task, 2, 0)

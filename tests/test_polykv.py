@@ -52,6 +52,7 @@ def test_plan_json_round_trip(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d["layers"].pop(), "has 2 policies and 2 budgets, the model has 3 layers"),
     (lambda d: d["layers"][1].update(policy="lru"), "layer 1: unknown policy 'lru'"),
+    (lambda d: d["layers"][1].update(policy="h2o/lru"), "layer 1: unknown policy 'h2o/lru'"),
     (lambda d: d["layers"][2].update(budget=0), "layer 2: budget must be a positive integer"),
     (lambda d: d["layers"][0].update(budget=20), "layer 0: budget 20 is smaller than the observation window 32"),
 ])
@@ -117,11 +118,34 @@ def test_apply_plan_keeps_budget_per_layer_and_leaves_full_cache_untouched():
     assert torch.equal(out.keys(2), cache.keys(2)[:, :, [0, *range(88, 120)]])
 
 
+def test_head_routed_layer_keeps_what_each_heads_policy_keeps_alone():
+    model = tiny_model()  # 2 KV heads
+    ids = torch.randint(0, 61, (1, 150))
+    _, cache, stats = K.prefill_with_stats(model, ids)
+    plan = K.Plan(["snapkv/h2o", "tova", "knorm/streamingllm", "h2o/h2o"], [48, 48, 40, 64])
+    out = K.apply_plan(cache, stats, plan)
+    for layer, policy in enumerate(plan.policies):
+        for head, name in enumerate(K.head_policies(policy, 2)):
+            alone = K.apply_plan(cache, stats, K.uniform_plan(4, name, plan.budgets[layer]))
+            assert torch.equal(out.keys(layer)[:, head], alone.keys(layer)[:, head]), (layer, head)
+            assert torch.equal(out.values(layer)[:, head], alone.values(layer)[:, head]), (layer, head)
+    assert K.h2o_layers(plan) == [0, 3]
+    with pytest.raises(ValueError, match="layer 1: policy 'h2o/tova/knorm' names 3 heads, the model has 2 KV heads"):
+        K.apply_plan(cache, stats, K.Plan(["h2o", "h2o/tova/knorm", "h2o", "h2o"], [48] * 4))
+
+
+def test_reroute_one_head_exact():
+    assert K.reroute(["h2o", "snapkv"], 1, "tova", head=2, n_kv=3) == ["h2o", "snapkv/snapkv/tova"]
+    assert K.reroute(["h2o", "snapkv/snapkv/tova"], 1, "snapkv", head=2, n_kv=3) == ["h2o", "snapkv"]
+    assert K.reroute(["h2o", "snapkv/tova/h2o"], 0, "knorm") == ["knorm", "snapkv/tova/h2o"]
+
+
 def test_one_prefill_serves_many_plans_exactly():
     """Compressing copies of one shared prefill == running each plan from its own prefill."""
     model = tiny_model()
     ids = torch.randint(0, 61, (1, 150))
     plans = [K.uniform_plan(4, p, 48) for p in P.POLICY_NAMES] + [K.pyramid_plan(4, 64)]
+    plans.append(K.Plan(["tova/h2o", "snapkv", "knorm/tova", "h2o"], [48, 64, 40, 48]))  # head-routed layers
     logits, cache, stats = K.prefill_with_stats(model, ids)
     for plan in plans:
         shared = M.generate(model, K.apply_plan(cache, stats, plan), logits, 10)

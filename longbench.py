@@ -231,21 +231,26 @@ DATASET2METRIC = {
 }
 
 
-def score_task(task: str, predictions: list[str], answers_list: list[list[str]],
-               all_classes: list[str] | None) -> float:
-    """eval.py scorer: 100 x mean over samples of the max over gold answers. Not rounded
-    (official rounds to 2 decimals when it writes result.json)."""
+def sample_scores(task: str, predictions: list[str], answers_list: list[list[str]],
+                  all_classes: list[str] | None) -> list[float]:
+    """eval.py's per-sample score x 100: the max over the gold answers."""
     metric = {**DATASET2METRIC, **SYNTHETIC2METRIC}.get(task)
     if metric is None:
         raise ValueError(f"no metric for task {task!r}")
     if not predictions or len(predictions) != len(answers_list):
         raise ValueError(f"{task}: {len(predictions)} predictions for {len(answers_list)} samples")
-    total = 0.0
-    for pred, golds in zip(predictions, answers_list):
-        if task in FIRST_LINE_TASKS:
-            pred = pred.lstrip("\n").split("\n")[0]
-        total += max([0.0] + [metric(pred, g, all_classes=all_classes) for g in golds])
-    return 100.0 * total / len(predictions)
+    if task in FIRST_LINE_TASKS:
+        predictions = [pred.lstrip("\n").split("\n")[0] for pred in predictions]
+    return [100.0 * max([0.0] + [metric(pred, g, all_classes=all_classes) for g in golds])
+            for pred, golds in zip(predictions, answers_list)]
+
+
+def score_task(task: str, predictions: list[str], answers_list: list[list[str]],
+               all_classes: list[str] | None) -> float:
+    """eval.py scorer: 100 x mean over samples of the max over gold answers. Not rounded
+    (official rounds to 2 decimals when it writes result.json)."""
+    scores = sample_scores(task, predictions, answers_list, all_classes)
+    return sum(scores) / len(scores)
 
 # ----------------------------------------------------------------------------- synthetic suite
 

@@ -317,18 +317,21 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
     fingerprints = {(m, b): plan_fingerprint(p) for m, b, p in runs}
     rec = lambda s, m, b: records[run_key(s["_id"], m, b, fingerprints[(m, b)])]  # noqa: E731
     full_tokens = [rec(s, "fullkv", None)["tokens"] for s in samples]
-    scores, fid = {}, {}
+    scores, fid, per_sample = {}, {}, {}
+    by_task = {t: [s for s in samples if s["dataset"] == t] for t in tasks}
     for method, budget, _ in runs:
-        per_task = {t: LB.score_task(t, [rec(s, method, budget)["prediction"] for s in samples if s["dataset"] == t],
-                                     [s["answers"] for s in samples if s["dataset"] == t],
-                                     next(s["all_classes"] for s in samples if s["dataset"] == t)) for t in tasks}
         key = "full" if budget is None else str(budget)
+        per_sample[method, key] = {t: LB.sample_scores(t, [rec(s, method, budget)["prediction"] for s in ss],
+                                                       [s["answers"] for s in ss], ss[0]["all_classes"])
+                                   for t, ss in by_task.items()}
+        per_task = {t: sum(v) / len(v) for t, v in per_sample[method, key].items()}
         scores.setdefault(method, {})[key] = {"tasks": per_task, "average": sum(per_task.values()) / len(tasks)}
         fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget) for s in samples], full_tokens)
     prefills = {s["_id"]: rec(s, "fullkv", None)["prefill_seconds"] for s in samples}
     saved = sum(prefills.values()) * (len(runs) - 1)
     return {**header, "tasks": tasks, "n_samples": len(samples), "scores": scores, "fidelity": fid,
             "gap_recovery": gap_recovery(scores, fid, runs),
+            "score_differences": score_differences(scores, per_sample),
             "timing": {"prefill_seconds": sum(prefills.values()), "runs_per_prefill": len(runs),
                        "prefill_seconds_saved": saved,
                        "run_seconds": sum(rec(s, m, b)["seconds"] for s in samples for m, b, _ in runs)}}
@@ -369,6 +372,42 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
     return out
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_difference(a: dict, b: dict, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float]:
+    """[difference, low, high]: the LongBench average of a minus that of b (per-sample scores by task)
+    with a 95% paired bootstrap interval: samples are redrawn within each task, the same draws for
+    both methods, so the interval shows how much of a difference the sample choice alone can make."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = torch.zeros(n, dtype=torch.float64)
+    for task in a:
+        d = torch.tensor(a[task], dtype=torch.float64) - torch.tensor(b[task], dtype=torch.float64)  # (S,)
+        draws = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, S)
+        diffs += d[draws].mean(-1) / len(a)
+    point = sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a.values(), b.values())) / len(a)
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [point, low, high]
+
+
+def score_differences(scores: dict, per_sample: dict) -> dict:
+    """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, with
+    bootstrap intervals (noise or a real gap?). Also FullKV minus the best baseline: the gap itself."""
+    out = {}
+    for b in sorted({k for per in scores.values() for k in per if k != "full"}, key=int):
+        base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
+        if not base:
+            continue
+        best = max(base, key=base.get)
+        out[b] = {"best_baseline": best,
+                  "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
+        for m in POLYKV:
+            if (m, b) in per_sample:
+                out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
+                             "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"])}
+    return out
+
+
 def fmt(x, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -394,6 +433,18 @@ def markdown(metrics: dict) -> str:
                 pct = lambda g, k: "–" if not g or g.get(k) is None else f"{100 * g[k]:.1f}%"  # noqa: E731
                 lines.append(f"| {name} gap recovery: score / prefix / tf agree / tf KL | " + " | ".join(
                     f"{pct(g, 'score')} / {pct(g, 'fidelity')} / {pct(g, 'tf_agreement')} / {pct(g, 'tf_kl')}" for g in gaps) + " |")
+        diffs = metrics.get("score_differences", {})
+        ci = lambda d: f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"  # noqa: E731
+        lines += [f"\n### Summary: average score minus the best baseline's (points), 95% paired bootstrap interval "
+                  f"over samples ({BOOTSTRAP_RESAMPLES} resamples within tasks)\n",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|",
+                  "| best baseline | " + " | ".join(diffs.get(str(b), {}).get("best_baseline", "–") for b in budgets) + " |",
+                  "| fullkv | " + " | ".join(ci(diffs[str(b)]["fullkv_minus_best"]) if str(b) in diffs else "–"
+                                          for b in budgets) + " |"]
+        for name in POLYKV:
+            if any(name in diffs.get(str(b), {}) for b in budgets):
+                lines.append(f"| {name} | " + " | ".join(ci(diffs[str(b)][name]["minus_best"]) if name in diffs.get(str(b), {})
+                                                        else "–" for b in budgets) + " |")
         lines += ["\n### Summary: teacher-forced KL(FullKV || method), lower is better\n",
                   "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
         for m, per in metrics["fidelity"].items():

@@ -95,6 +95,11 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     tf = metrics["fidelity"]["h2o"]["48"]
     assert 0 <= tf["tf_agreement"] < 1 and tf["tf_kl"] > 0
     assert set(metrics["scores"]["h2o"]) == {"48", "64"}
+    sd = metrics["score_differences"]["48"]  # FullKV minus the best baseline, from the same scores
+    best = max(("h2o", "snapkv"), key=lambda m: metrics["scores"][m]["48"]["average"])
+    assert sd["best_baseline"] == best and sd["fullkv_minus_best"][0] == pytest.approx(
+        metrics["scores"]["fullkv"]["full"]["average"] - metrics["scores"][best]["48"]["average"])
+    assert sd["fullkv_minus_best"][1] <= sd["fullkv_minus_best"][0] <= sd["fullkv_minus_best"][2]
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
     assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
     kl_row = f"| h2o | {tf['tf_kl']:.4f} | {metrics['fidelity']['h2o']['64']['tf_kl']:.4f} |"
@@ -109,6 +114,19 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert E.main(args(ckpt, data, out, "--methods", "h2o", "snapkv", "--budgets", "48", "64")) == 0
     assert calls == [] and (out / "predictions.jsonl").read_text() == before
     assert json.loads((out / "metrics.json").read_text())["scores"] == metrics["scores"]
+
+
+def test_bootstrap_difference_exact_cases():
+    same = {"a": [10.0, 50.0, 0.0], "b": [100.0]}
+    assert E.bootstrap_difference(same, same) == [0.0, 0.0, 0.0]
+    shifted = {t: [x + 7.5 for x in v] for t, v in same.items()}
+    assert E.bootstrap_difference(shifted, same) == pytest.approx([7.5, 7.5, 7.5])
+    # one task, per-sample differences {0, 10}: a resample's mean is 0, 5 or 10 (each extreme 1/4 of the time)
+    diff = E.bootstrap_difference({"t": [10.0, 30.0]}, {"t": [10.0, 20.0]})
+    assert diff == pytest.approx([5.0, 0.0, 10.0])
+    # tasks weigh equally, as in the LongBench average: task "b" (one sample, +40) counts as much as "a"
+    point, low, high = E.bootstrap_difference({"a": [0.0, 0.0, 0.0], "b": [40.0]}, {"a": [0.0, 0.0, 0.0], "b": [0.0]})
+    assert (point, low, high) == pytest.approx((20.0, 20.0, 20.0))
 
 
 def test_teacher_forced_fidelity_equals_one_cache_at_a_time(ckpt):

@@ -317,13 +317,14 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
     fingerprints = {(m, b): plan_fingerprint(p) for m, b, p in runs}
     rec = lambda s, m, b: records[run_key(s["_id"], m, b, fingerprints[(m, b)])]  # noqa: E731
     full_tokens = [rec(s, "fullkv", None)["tokens"] for s in samples]
-    scores, fid, per_sample = {}, {}, {}
+    scores, fid, per_sample, tf_kl = {}, {}, {}, {}
     by_task = {t: [s for s in samples if s["dataset"] == t] for t in tasks}
     for method, budget, _ in runs:
         key = "full" if budget is None else str(budget)
         per_sample[method, key] = {t: LB.sample_scores(t, [rec(s, method, budget)["prediction"] for s in ss],
                                                        [s["answers"] for s in ss], ss[0]["all_classes"])
                                    for t, ss in by_task.items()}
+        tf_kl[method, key] = [rec(s, method, budget).get("tf_kl") for s in samples]
         per_task = {t: sum(v) / len(v) for t, v in per_sample[method, key].items()}
         scores.setdefault(method, {})[key] = {"tasks": per_task, "average": sum(per_task.values()) / len(tasks)}
         fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget) for s in samples], full_tokens)
@@ -331,7 +332,7 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
     saved = sum(prefills.values()) * (len(runs) - 1)
     return {**header, "tasks": tasks, "n_samples": len(samples), "scores": scores, "fidelity": fid,
             "gap_recovery": gap_recovery(scores, fid, runs),
-            "score_differences": score_differences(scores, per_sample),
+            "score_differences": score_differences(scores, fid, per_sample, tf_kl),
             "timing": {"prefill_seconds": sum(prefills.values()), "runs_per_prefill": len(runs),
                        "prefill_seconds_saved": saved,
                        "run_seconds": sum(rec(s, m, b)["seconds"] for s in samples for m, b, _ in runs)}}
@@ -390,21 +391,28 @@ def bootstrap_difference(a: dict, b: dict, n: int = BOOTSTRAP_RESAMPLES, seed: i
     return [point, low, high]
 
 
-def score_differences(scores: dict, per_sample: dict) -> dict:
-    """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, with
-    bootstrap intervals (noise or a real gap?). Also FullKV minus the best baseline: the gap itself."""
+def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) -> dict:
+    """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, and its
+    teacher-forced KL minus the lowest baseline KL, with bootstrap intervals (noise or a real gap?).
+    Also FullKV's score minus the best baseline's: the gap itself."""
+    def paired_kl(a: list, b: list) -> list[float]:  # samples with a KL for both (FullKV said >= 2 tokens)
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        return bootstrap_difference({"all": [x for x, _ in pairs]}, {"all": [y for _, y in pairs]}) if pairs else None
     out = {}
     for b in sorted({k for per in scores.values() for k in per if k != "full"}, key=int):
         base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
         if not base:
             continue
         best = max(base, key=base.get)
-        out[b] = {"best_baseline": best,
+        kls = {m: fid[m][b]["tf_kl"] for m in base if fid[m][b]["tf_kl"] is not None}
+        best_kl = min(kls, key=kls.get, default=None)
+        out[b] = {"best_baseline": best, "best_baseline_tf_kl": best_kl,
                   "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
         for m in POLYKV:
             if (m, b) in per_sample:
                 out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
-                             "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"])}
+                             "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"]),
+                             "tf_kl_minus_best": paired_kl(tf_kl[m, b], tf_kl[best_kl, b]) if best_kl else None}
     return out
 
 
@@ -445,6 +453,15 @@ def markdown(metrics: dict) -> str:
             if any(name in diffs.get(str(b), {}) for b in budgets):
                 lines.append(f"| {name} | " + " | ".join(ci(diffs[str(b)][name]["minus_best"]) if name in diffs.get(str(b), {})
                                                         else "–" for b in budgets) + " |")
+        lines += ["\nTeacher-forced KL minus the lowest baseline KL, same bootstrap over samples:\n",
+                  "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|",
+                  "| lowest-KL baseline | " + " | ".join(str(diffs.get(str(b), {}).get("best_baseline_tf_kl", "–"))
+                                                       for b in budgets) + " |"]
+        for name in POLYKV:
+            cells = [diffs.get(str(b), {}).get(name, {}).get("tf_kl_minus_best") for b in budgets]
+            if any(cells):
+                lines.append(f"| {name} | " + " | ".join(
+                    "–" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" for d in cells) + " |")
         lines += ["\n### Summary: teacher-forced KL(FullKV || method), lower is better\n",
                   "| method | " + " | ".join(str(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
         for m, per in metrics["fidelity"].items():

@@ -228,6 +228,11 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
     assert gap["tf_kl"] == pytest.approx((fid["snapkv"]["48"]["tf_kl"] - fid["polykv"]["48"]["tf_kl"]) / fid["snapkv"]["48"]["tf_kl"])
     best = fid[gap["best_baseline_tf_agreement"]]["48"]["tf_agreement"]
     assert gap["tf_agreement"] == pytest.approx((fid["polykv"]["48"]["tf_agreement"] - best) / (1 - best))
+    d = metrics["score_differences"]["48"]  # one baseline here: it is the best on both measures
+    assert d["best_baseline"] == d["best_baseline_tf_kl"] == "snapkv"
+    assert d["polykv"]["minus_best"][0] == pytest.approx(
+        metrics["scores"]["polykv"]["48"]["average"] - metrics["scores"]["snapkv"]["48"]["average"])
+    assert d["polykv"]["tf_kl_minus_best"][0] == pytest.approx(fid["polykv"]["48"]["tf_kl"] - fid["snapkv"]["48"]["tf_kl"])
     # asking explicitly for a calibration sample is refused
     assert E.main(args(ckpt, data, tmp_path / "x", "--plan", *plans, "--ids", "hotpotqa-0", "trec-0")) == 2
     assert "both calibration and evaluation" in capsys.readouterr().err

@@ -338,38 +338,48 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict) -> d
                        "run_seconds": sum(rec(s, m, b)["seconds"] for s in samples for m, b, _ in runs)}}
 
 
+def best_baselines(scores: dict, fid: dict, b: str) -> dict | None:
+    """Which baseline is best at budget b on each measure: highest average score, prefix agreement
+    and teacher-forced agreement; lowest teacher-forced KL. None when no baseline ran at b."""
+    base = [m for m in BASELINES if b in scores.get(m, {})]
+    if not base:
+        return None
+    measure = lambda key: {m: fid[m][b][key] for m in base if fid[m][b][key] is not None}  # noqa: E731
+    agree, kl = measure("tf_agreement"), measure("tf_kl")
+    return {"score": max(base, key=lambda m: scores[m][b]["average"]),
+            "prefix": max(base, key=lambda m: fid[m][b]["prefix_agreement"]),
+            "tf_agreement": max(agree, key=agree.get, default=None), "tf_kl": min(kl, key=kl.get, default=None)}
+
+
 def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
     """Per budget, per PolyKV variant: on the task average, on prefix agreement and on teacher-forced
-    agreement, each against the baseline that is best on that measure."""
+    agreement and KL, each against the baseline that is best on that measure."""
     out = {}
     full = scores["fullkv"]["full"]["average"]
     for budget in sorted({b for _, b, _ in runs if b is not None}):
         b = str(budget)
-        base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
-        base_f = {m: fid[m][b]["prefix_agreement"] for m in BASELINES if b in fid.get(m, {})}
-        base_t = {m: fid[m][b]["tf_agreement"] for m in BASELINES if fid.get(m, {}).get(b, {}).get("tf_agreement") is not None}
-        base_k = {m: fid[m][b]["tf_kl"] for m in base_t}
-        if not base:
+        best = best_baselines(scores, fid, b)
+        if best is None:
             continue
-        best, best_f = max(base, key=base.get), max(base_f, key=base_f.get)
-        best_t, best_k = max(base_t, key=base_t.get, default=None), min(base_k, key=base_k.get, default=None)
+        base, base_f = scores[best["score"]][b]["average"], fid[best["prefix"]][b]["prefix_agreement"]
+        base_t = fid[best["tf_agreement"]][b]["tf_agreement"] if best["tf_agreement"] else None
+        base_k = fid[best["tf_kl"]][b]["tf_kl"] if best["tf_kl"] else None
         for m in POLYKV:
             if b in scores.get(m, {}):
                 p, pf, pt, pk = (scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"],
                                  fid[m][b]["tf_kl"])
                 out.setdefault(b, {})[m] = {
                     # only defined when FullKV beats the best baseline: with too few samples it may not
-                    "score": (p - base[best]) / (full - base[best]) if full > base[best] else None,
-                    "best_baseline": best, "best_baseline_average": base[best], "fullkv_average": full,
-                    "baselines_compared": sorted(base),
-                    "fidelity": (pf - base_f[best_f]) / (1 - base_f[best_f]) if base_f[best_f] < 1 else None,
-                    "best_baseline_fidelity": best_f,
-                    "tf_agreement": (pt - base_t[best_t]) / (1 - base_t[best_t])
-                    if best_t and pt is not None and base_t[best_t] < 1 else None,
-                    "best_baseline_tf_agreement": best_t,
+                    "score": (p - base) / (full - base) if full > base else None,
+                    "best_baseline": best["score"], "best_baseline_average": base, "fullkv_average": full,
+                    "baselines_compared": sorted(m for m in BASELINES if b in scores.get(m, {})),
+                    "fidelity": (pf - base_f) / (1 - base_f) if base_f < 1 else None,
+                    "best_baseline_fidelity": best["prefix"],
+                    "tf_agreement": (pt - base_t) / (1 - base_t) if base_t is not None and pt is not None and base_t < 1 else None,
+                    "best_baseline_tf_agreement": best["tf_agreement"],
                     # FullKV's KL to itself is 0: the share of the best baseline's KL that is removed
-                    "tf_kl": (base_k[best_k] - pk) / base_k[best_k] if best_k and pk is not None and base_k[best_k] > 0 else None,
-                    "best_baseline_tf_kl": best_k}
+                    "tf_kl": (base_k - pk) / base_k if base_k is not None and pk is not None and base_k > 0 else None,
+                    "best_baseline_tf_kl": best["tf_kl"]}
     return out
 
 
@@ -400,12 +410,10 @@ def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) ->
         return bootstrap_difference({"all": [x for x, _ in pairs]}, {"all": [y for _, y in pairs]}) if pairs else None
     out = {}
     for b in sorted({k for per in scores.values() for k in per if k != "full"}, key=int):
-        base = {m: scores[m][b]["average"] for m in BASELINES if b in scores.get(m, {})}
-        if not base:
+        found = best_baselines(scores, fid, b)
+        if found is None:
             continue
-        best = max(base, key=base.get)
-        kls = {m: fid[m][b]["tf_kl"] for m in base if fid[m][b]["tf_kl"] is not None}
-        best_kl = min(kls, key=kls.get, default=None)
+        best, best_kl = found["score"], found["tf_kl"]
         out[b] = {"best_baseline": best, "best_baseline_tf_kl": best_kl,
                   "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
         for m in POLYKV:

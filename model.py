@@ -290,21 +290,37 @@ def stop_token_ids(model_dir: str | Path, tokenizer: Tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None) -> str:
-    """The family's chat format: ChatML (SmolLM2, Qwen) or Llama-3's header format.
-
-    The default system prompts are the ones each model's own chat template inserts."""
+def chat_parts(tokenizer: Tokenizer, system: str | None = None) -> tuple[str, str]:
+    """The family's chat format around one user turn, as (before, after): a chat prompt is
+    before + user + after. ChatML (SmolLM2, Qwen) or Llama-3's header format; the default system
+    prompts are the ones each model's own chat template inserts."""
     if tokenizer.token_to_id("<|start_header_id|>") is not None:  # Llama-3
         turn = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>"
         head = turn.format("system", system) if system else ""
-        return "<|begin_of_text|>" + head + turn.format("user", user) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        before = "<|begin_of_text|>" + head + "<|start_header_id|>user<|end_header_id|>\n\n"
+        return before, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     if tokenizer.token_to_id("<|im_start|>") is None:
         raise ValueError("tokenizer has neither ChatML (<|im_start|>) nor Llama-3 header tokens: no known chat format")
     if system is None:  # what SmolLM2's and Qwen2.5's templates insert when no system message is given
         qwen = tokenizer.token_to_id("<|fim_prefix|>") is not None and tokenizer.get_vocab_size() > 100_000
         system = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant." if qwen
                   else "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None) -> str:
+    """One user turn in the family's chat format, ready for the assistant's answer."""
+    before, after = chat_parts(tokenizer, system)
+    return before + user + after
+
+
+def encode_split(tokenizer: Tokenizer, text: str, boundary: int, add_special_tokens: bool = False) -> tuple[list[int], int]:
+    """Token ids of `text`, and how many of them start before character `boundary`.
+
+    The text is encoded in one piece (the same ids as without a split); a token that straddles
+    the boundary counts as before it. Used to split a prompt into its context and its question."""
+    enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return enc.ids, sum(start < boundary for start, _ in enc.offsets)
 
 
 # -----------------------------------------------------------------------------

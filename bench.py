@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 import model as M
+import policies as P
 import polykv as K
 
 # -----------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def hf_decode(hf, past, steps: int) -> float:
 
 
 def bench_vs_transformers(model: M.Transformer, hf, sizes: dict, repeats: int, device: str) -> dict[str, float]:
-    """Issue 2: prefill tok/s at two prompt lengths and decode tok/s at one context, ours vs transformers."""
+    """Prefill tok/s at two prompt lengths and decode tok/s at one context, ours vs transformers."""
     vocab, res = model.cfg.vocab_size, {}
     for name in ("prefill_short", "prefill_long"):
         n = sizes[name]
@@ -177,11 +178,11 @@ def bench_vs_transformers(model: M.Transformer, hf, sizes: dict, repeats: int, d
 
 
 def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: str) -> dict[str, float]:
-    """Issue 3: decode from a compressed long context vs FullKV and vs a plain short prompt; KV bytes;
+    """Decode from a compressed long context vs FullKV and vs a plain short prompt; KV bytes;
     the prefill-time cost of the statistics and of apply_plan."""
     cfg, res = model.cfg, {}
     T, budget, short, steps = sizes["long_ctx"], sizes["budget"], sizes["short_ctx"], sizes["steps"]
-    window = K.Settings().window
+    window = P.Settings().window
     ids = random_prompt(T, cfg.vocab_size, device, seed=2)
     snap, h2o = K.uniform_plan(cfg.n_layers, "snapkv", budget), K.uniform_plan(cfg.n_layers, "h2o", budget)
 
@@ -276,7 +277,7 @@ def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: s
 
     cfg, n = model.cfg, model.cfg.n_layers
     ref = C.build_reference(model, random_prompt(sizes["calib_ctx"], cfg.vocab_size, device, seed=4)[0].tolist(),
-                            "bench", 32, (), K.Settings().window)
+                            "bench", 32, (), P.Settings().window)
     rng = random.Random(0)
     best_p, best_b = ["snapkv"] * n, [sizes["budget"]] * n
     candidates = []
@@ -289,12 +290,12 @@ def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: s
     def plain() -> float:
         t0 = time.perf_counter()
         for plan in candidates:
-            K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 32, ref.score_memo),
+            K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 32, ref.memo),
                               ref.continuation)
         return time.perf_counter() - t0
 
     def reuse() -> float:
-        ref.trunks.clear()
+        ref.recent.clear()
         t0 = time.perf_counter()
         C.plan_sample_kl(model, ref, K.Plan(best_p, best_b))  # the current plan, evaluated before its candidates
         for plan in candidates:

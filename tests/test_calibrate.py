@@ -1,4 +1,6 @@
-"""Calibration: the search on constructed objectives, the end-to-end objective on the real model, a tiny full run."""
+"""Calibration: the paper's plans and the search on constructed objectives, the single-layer and joint
+objectives against the plain teacher-forced pass, and a whole run on a tiny model."""
+import json
 import random
 
 import pytest
@@ -8,9 +10,11 @@ from hypothesis import given, settings as hsettings, strategies as st
 import calibrate as C
 import longbench as LB
 import model as M
+import policies as P
 import polykv as K
+import report
 
-POLICIES = list(C.CANDIDATES)
+POLICIES = list(K.CANDIDATES)
 
 
 def separable_objective(best_policy: list[str], weight: list[float]):
@@ -20,11 +24,13 @@ def separable_objective(best_policy: list[str], weight: list[float]):
     return objective
 
 
-def test_routing_finds_the_best_policy_of_each_layer():
+# --- the search ----------------------------------------------------------------------------------
+
+
+def test_routing_moves_find_the_best_policy_of_each_layer():
     best = ["h2o", "snapkv", "tova", "h2o", "knorm", "snapkv", "streamingllm", "tova"]
     objective = separable_objective(best, [1.0] * 8)
-    policies, budgets, kl, trace = C.search(objective, ["h2o"] * 8, [128] * 8, list(range(8)),
-                                            route=True, allocate=False)
+    policies, budgets, kl, trace = C.search(objective, ["h2o"] * 8, [128] * 8, list(range(8)), C.routing_moves())
     assert policies == best and budgets == [128] * 8
     assert kl == pytest.approx(8 / 128)
 
@@ -34,10 +40,9 @@ def test_head_level_routing_finds_the_best_policy_of_each_head():
 
     def objective(policies, budgets):  # one unit per KV head whose policy is not its best
         return [sum(p != b for pol, heads in zip(policies, best) for p, b in zip(K.head_policies(pol, 2), heads))]
-    whole = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), route=True, allocate=False)
+    whole = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), C.routing_moves())
     assert whole[2] == 3  # a whole layer can match at most one of two disagreeing heads
-    policies, budgets, cost, _ = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), route=True,
-                                          allocate=False, heads=2)
+    policies, budgets, cost, _ = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), C.routing_moves(heads=2))
     assert policies == ["h2o/tova", "snapkv", "knorm/h2o", "streamingllm/snapkv"] and cost == 0 and budgets == [64] * 4
 
 
@@ -45,8 +50,8 @@ def test_allocation_moves_budget_to_the_sensitive_layers():
     weight = [1, 1, 50, 1, 10, 1]
     objective = separable_objective(["h2o"] * 6, weight)
     order = sorted(range(6), key=lambda l: -weight[l])
-    policies, budgets, kl, _ = C.search(objective, ["h2o"] * 6, [128] * 6, order, route=False, allocate=True,
-                                        quantum=16, low=32, high=512, max_evals=1000, max_sweeps=50)
+    policies, budgets, kl, _ = C.search(objective, ["h2o"] * 6, [128] * 6, order, C.allocation_moves(order, 16, 32, 512),
+                                        max_evals=1000, max_sweeps=50)
     assert sum(budgets) == 6 * 128 and min(budgets) >= 32 and max(budgets) <= 512
     assert budgets[2] > budgets[4] > budgets[0]
     assert kl < objective(["h2o"] * 6, [128] * 6)[0]
@@ -63,8 +68,8 @@ def test_search_is_never_worse_than_its_start(seed, route, allocate):
                                   + rng.random() * 0.1 for _ in range(3)]  # three noisy "samples"
     start_p, start_b = [rng.choice(POLICIES) for _ in range(n)], [96] * n
     start = C.mean(objective(start_p, start_b))
-    policies, budgets, kl, trace = C.search(objective, start_p, start_b, list(range(n)), route=route, allocate=allocate,
-                                            quantum=32, low=32, high=256, max_evals=30)
+    moves = (C.routing_moves() if route else []) + (C.allocation_moves(list(range(n)), 32, 32, 256) if allocate else [])
+    policies, budgets, kl, trace = C.search(objective, start_p, start_b, list(range(n)), moves, max_evals=30)
     assert kl <= trace[0]["kl"] and sum(budgets) == sum(start_b)
     assert all(32 <= b <= 256 for b in budgets)
     assert trace[0]["kl"] == pytest.approx(start, abs=0.2)
@@ -80,102 +85,156 @@ def test_a_change_must_win_on_most_samples():
         if policies[1] == "snapkv":
             kls = [k - 0.05 * (i < 3) for i, k in enumerate(kls)]
         return kls
-    kw = dict(route=True, allocate=False, candidates=("h2o", "snapkv", "tova"))
-    assert C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], min_win_share=0.0, **kw)[0] == ["tova", "snapkv"]
-    policies, _, kl, trace = C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], min_win_share=0.5, **kw)
+    moves = C.routing_moves(("h2o", "snapkv", "tova"))
+    assert C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.0)[0] == ["tova", "snapkv"]
+    policies, _, kl, trace = C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.5)
     assert policies == ["h2o", "snapkv"] and kl == pytest.approx(0.9625)
     assert [t["step"] for t in trace] == ["start", "layer 1 -> snapkv", "end"]
 
 
-def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
-    """Zero when the budgets cover the prompt; grows as the budgets shrink."""
-    model, tokenizer = smollm2
-    sample = LB.synthetic_suite(1, seed=1, target_words=500)[0]["synthetic_passkey"][0]
-    ids = tokenizer.encode(M.chat_prompt(tokenizer, sample["context"] + "\n" + sample["input"]), add_special_tokens=False).ids
-    ref = C.build_reference(model, ids, "p", 16, M.stop_token_ids(smollm2_dir, tokenizer), window=32)
-    n, T = model.cfg.n_layers, len(ids)
-    kls = [C.plan_kl(model, [ref], ["snapkv"] * n, [b] * n, K.Settings()) for b in (T, 256, 64)]
-    assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
+# --- the paper's plans on a constructed single-layer objective --------------------------------
 
 
-def test_end_to_end_on_a_tiny_model(tiny_checkpoint, tmp_path, monkeypatch):
-    model, tokenizer = M.load_model(tiny_checkpoint), M.load_tokenizer(tiny_checkpoint)
-    paths = C.run(model, tokenizer, tiny_checkpoint, [64], data_dir=None, out_dir=tmp_path, max_length=200,
-                  n_per_task=2, n_continuation=6, max_evals=12)
-    assert set(paths[64]) == {"polykv", "polykv_routing", "polykv_allocation"}
-    for name, path in paths[64].items():
-        plan = K.load_plan(path, n_layers=2)
-        K.validate_plan(plan, 2, average=64)
-        assert max(plan.budgets) <= 200  # never more than the calibration prompts hold (max_length 200)
-        assert path.with_suffix(".png").stat().st_size > 1000
-        cal = plan.info["calibration"]
-        assert cal["in_sample_kl"] <= cal["best_uniform_in_sample_kl"] + 1e-9
-        ids = plan.info["calibration_ids"] + plan.info["validation_ids"]
-        assert ids and not set(plan.info["calibration_ids"]) & set(plan.info["validation_ids"])
-        if name == "polykv_routing":
-            assert plan.budgets == [64, 64]
-        if name == "polykv_allocation":
-            assert len(set(plan.policies)) == 1
-    # the plan applies to a fresh prompt
-    tokens = torch.tensor([tokenizer.encode("hello " * 150).ids])
-    out = K.generate_with_plan(model, tokens, K.load_plan(paths[64]["polykv"]), 5)
-    assert len(out) == 5
-    table = C.summarize(tmp_path)  # read back from the JSONs
-    kl = K.load_plan(paths[64]["polykv"]).info["calibration"]["validation_kl"]
-    assert f"| 64 | uniform " in table and f"| {kl:.4f} |" in table and table.count("\n") == 5
-    # a rerun with the same settings keeps the written plans (an interrupted run resumes) ...
-    before = paths[64]["polykv"].read_text()
-    with monkeypatch.context() as m:
-        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
-        assert C.run(model, tokenizer, tiny_checkpoint, [64], None, tmp_path, 200, 2, 6, max_evals=12) == paths
-    # ... and other settings recalibrate
-    C.run(model, tokenizer, tiny_checkpoint, [64], None, tmp_path, 200, 2, 6, max_evals=13)
-    assert K.load_plan(paths[64]["polykv"]).info["calibration_settings"]["max_evals"] == 13
-    assert before != paths[64]["polykv"].read_text()
-    # head-level routing refines the polykv plan on the same samples: same start, never worse in-sample
-    parent = K.load_plan(paths[64]["polykv"])
-    heads = C.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [64], None, max_evals=12)
-    refined = K.load_plan(heads[64], n_layers=2)
-    K.validate_plan(refined, 2, average=64)
-    cal = refined.info["calibration"]
-    assert refined.name == "polykv_heads" and refined.budgets == parent.budgets
-    assert cal["search_trace"][0]["kl"] == pytest.approx(parent.info["calibration"]["in_sample_kl"], rel=1e-5)
-    assert cal["in_sample_kl"] <= parent.info["calibration"]["in_sample_kl"] + 1e-9
-    assert cal["refined_from"]["validation_kl"] == parent.info["calibration"]["validation_kl"]
-    assert "polykv_heads" in C.summarize(tmp_path)
-    with monkeypatch.context() as m:  # done budgets are kept
-        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("refined a finished budget again"))
-        assert C.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [64], None, max_evals=12) == heads
-    # calibration ids are exactly the split's calibration side, never the evaluation side
-    by_task, _, _ = LB.synthetic_suite(n_per_task=4, seed=0, target_words=1200)
-    calib, evaluation = LB.dataset_split(by_task, 2, 0)
-    assert set(ids) == set(calib) and not set(ids) & set(evaluation)
+def test_paper_plans_route_and_allocate_from_single_layer_signals():
+    """Layer l prefers policy PREF[l]; sensitivity grows with the layer; KL falls with the budget."""
+    pref, weight = ["tova", "h2o", "snapkv", "h2o"], [1.0, 4.0, 16.0, 64.0]
+    kl = lambda l, p, b: weight[l] * (1.0 if p == pref[l] else 2.0) / b  # noqa: E731
+    plans = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "route-allocate")
+    routed, even, signals = plans["polykv_routing"]
+    assert routed == pref and even == [128] * 4 and signals["preference"][2]["snapkv"] == 16 / 128
+    policies, budgets, signals = plans["polykv_allocation"]
+    assert policies == ["h2o"] * 4 and budgets == K.allocate([kl(l, "h2o", 32) for l in range(4)], 128, 32, 512)
+    assert budgets[3] > budgets[2] > budgets[1] > budgets[0] and signals["sensitivity_budget"] == 32
+    policies, budgets, signals = plans["polykv"]  # route at 128, then allocate by the routed policies' sensitivity
+    assert policies == pref and budgets == K.allocate([kl(l, pref[l], 32) for l in range(4)], 128, 32, 512)
+    policies, budgets, _ = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "allocate-route")["polykv"]
+    assert policies == pref and budgets == plans["polykv_allocation"][1]  # allocate first, then route at those budgets
+
+
+# --- the objectives on a real model --------------------------------------------------------------
+
+
+def tiny(n_layers=4, seed=0):
+    cfg = M.Config.from_hf({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
+                            "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2})
+    torch.manual_seed(seed)
+    model = M.Transformer(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.4)
+    return model.eval()
+
+
+def test_single_layer_kl_is_the_plain_pass_with_one_layer_compressed():
+    model = tiny()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
+    s = P.Settings(window=16)
+    for layer, policy, budget in [(0, "snapkv", 64), (2, "h2o", 40), (3, "tova", 100), (1, "knorm", 300)]:
+        budgets = [10_000] * 4
+        budgets[layer] = budget
+        plan = K.Plan([policy] * 4, budgets, settings=s)
+        plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
+        assert C.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
+    assert ref.cache.lengths == [300] * 4  # the full prefill is untouched
 
 
 def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
     """plan_sample_kl skips the layers below the first one a plan changes; the KL must equal the
     plain teacher-forced pass (K.continuation_kl) exactly, and only the changed layers must run."""
-    cfg = M.Config.from_hf({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
-                            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2})
-    torch.manual_seed(0)
-    model = M.Transformer(cfg)
-    for p in model.parameters():
-        p.data.normal_(0, 0.4)
+    model = tiny()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
     runs = []
     layer_forward = M.Block.forward
-    def counting(self, *a, **k):  # noqa: E306
+
+    def counting(self, *a, **k):
         runs.append(list(model.layers).index(self))
         return layer_forward(self, *a, **k)
     monkeypatch.setattr(M.Block, "forward", counting)
     plans = [(["snapkv"] * 4, [64] * 4), (["snapkv", "snapkv", "snapkv", "tova"], [64] * 4),
              (["snapkv"] * 4, [64, 64, 32, 96]), (["snapkv"] * 4, [64] * 4), (["h2o"] * 4, [64] * 4)]
     for i, (policies, budgets) in enumerate(plans):
-        plan = K.Plan(policies, budgets)
+        plan = K.Plan(policies, budgets, settings=P.Settings(window=16))
         plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
         runs.clear()
         fast = C.plan_sample_kl(model, ref, plan)
         assert fast == pytest.approx(plain, rel=1e-6, abs=1e-9) and plain > 0
         first_changed = [0, 3, 2, 3, 0][i]  # plan 3 repeats plan 0: only the top layer runs again
         assert runs == list(range(first_changed, 4))
+    other = K.Plan(["snapkv"] * 4, [64] * 4, settings=P.Settings(window=16, kernel=3))  # same layers, other settings
+    runs.clear()
+    C.plan_sample_kl(model, ref, other)
+    assert runs == [0, 1, 2, 3]  # nothing reused: the scores differ
+
+
+def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
+    """Zero when the budgets cover the prompt; grows as the budgets shrink."""
+    model, tokenizer = smollm2
+    ids = tokenizer.encode(M.chat_prompt(tokenizer, "The pass key is 4242. " + "The grass is green. " * 120
+                                         + "What is the pass key?"), add_special_tokens=False).ids
+    ref = C.build_reference(model, ids, "p", 16, M.stop_token_ids(smollm2_dir, tokenizer), window=32)
+    n, T = model.cfg.n_layers, len(ids)
+    kls = [C.plan_sample_kl(model, ref, K.Plan(["snapkv"] * n, [b] * n)) for b in (T, 256, 64)]
+    assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
+
+
+# --- a whole run -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def longbench_dir(tmp_path_factory):
+    """3 tasks x 8 samples in the LongBench layout, with prompts of a few hundred tokens."""
+    d = tmp_path_factory.mktemp("longbench")
+    words = "alpha beta gamma delta river stone cloud maple ember quartz willow harbor".split()
+    (d / "config").mkdir()
+    (d / "config" / "dataset2prompt.json").write_text(json.dumps({t: "Read.\n{context}\nQ: {input}\nA:" for t in
+                                                                  ("hotpotqa", "qasper", "trec")}))
+    (d / "config" / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 8, "qasper": 8, "trec": 8}))
+    for task in ("hotpotqa", "qasper", "trec"):
+        rows = [{"input": f"what is {words[i % 12]}?", "context": " ".join(words[(i * 5 + j) % 12] for j in range(120)),
+                 "answers": [words[i % 12]], "_id": f"{task}-{i}", "all_classes": ["x"]} for i in range(8)]
+        (d / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
+    model, tokenizer = M.load_model(tiny_checkpoint), M.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
+    pool = LB.calibration_pool(LB.load_samples(longbench_dir))
+    evaluated = {s["_id"] for s in LB.evaluation_samples(LB.load_samples(longbench_dir), LB.EVAL_PER_TASK, set())}
+    assert set(paths[48]) == set(K.POLYKV)
+    for name, path in paths[48].items():
+        plan = K.load_plan(path, n_layers=2)
+        K.validate_plan(plan, 2, average=48)
+        assert max(plan.budgets) <= 200  # never more than the calibration prompts hold (max_length 200)
+        assert path.with_suffix(".png").stat().st_size > 1000
+        cal, ids = plan.info["calibration"], plan.info["calibration_ids"] + plan.info["validation_ids"]
+        assert len(plan.info["calibration_ids"]) == 4 and len(plan.info["validation_ids"]) == 2 and len(set(ids)) == 6
+        assert set(ids) <= {s["_id"] for ss in pool.values() for s in ss} and not set(ids) & evaluated
+        assert cal["signals"]["sensitivity_budget"] == 32 and cal["best_uniform"] in K.CANDIDATES
+        assert {"in_sample_kl", "validation_kl", "best_uniform_validation_kl"} <= set(cal)
+    polykv = K.load_plan(paths[48]["polykv"])
+    pref = polykv.info["calibration"]["signals"]["preference"]  # recorded signals reproduce the routing
+    assert polykv.policies == [min(row, key=row.get) for row in pref]
+    assert K.load_plan(paths[48]["polykv_routing"]).budgets == [48, 48]
+    assert len(set(K.load_plan(paths[48]["polykv_allocation"]).policies)) == 1
+    table = report.calibration_table(tmp_path)  # read back from the JSONs
+    kl = polykv.info["calibration"]["validation_kl"]
+    assert "| 48 | uniform " in table and f"| {kl:.4f} |" in table and table.count("\n") == 5
+    with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
+        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
+        assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
+    refined = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, C.CalibrationSettings(
+        n_samples=4, n_validation=2, max_length=200, n_continuation=6, refine=True, max_evals=8), P.Settings(), longbench_dir)
+    cal = K.load_plan(refined[48]["polykv"]).info["calibration"]
+    assert cal["search_trace"][0]["kl"] == pytest.approx(cal["paper_in_sample_kl"], rel=1e-6)  # starts at the paper's plan
+    assert cal["in_sample_kl"] <= cal["paper_in_sample_kl"] + 1e-9
+
+
+def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
+    for argv, message in ([["--budgets", "16"], "below the observation window"],
+                          [["--n-samples", "0"], "--n-samples must be positive"],
+                          [["--out", "/proc/polykv-plans"], "not writable"]):
+        with pytest.raises(ValueError, match=message):
+            C.main(argv)

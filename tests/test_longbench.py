@@ -1,9 +1,6 @@
 """Tests for longbench.py: official metrics on hand-computed cases, prompts, truncation,
-data loading errors, synthetic suite and the calibration/evaluation split."""
-import importlib
-import inspect
+data loading errors, prompts, the download, and which samples calibrate and which evaluate."""
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -156,7 +153,6 @@ def test_chat_template_exceptions():
     assert lb.NO_CHAT_TASKS == {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
     assert lb.FIRST_LINE_TASKS == {"trec", "triviaqa", "samsum"}
     assert not lb.use_chat_template("lcc") and lb.use_chat_template("hotpotqa")
-    assert not lb.use_chat_template("synthetic_code") and lb.use_chat_template("synthetic_kv")
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -216,51 +212,15 @@ def test_shared_data_loads():
         lb.build_prompt(samples[0], prompts[task])
 
 
-# ----------------------------------------------------------------------------- synthetic suite
-
-def test_synthetic_deterministic_and_marked():
-    a = lb.synthetic_suite(3, seed=7, target_words=400)
-    assert a == lb.synthetic_suite(3, seed=7, target_words=400)
-    assert a[0] != lb.synthetic_suite(3, seed=8, target_words=400)[0]
-    samples, prompts, maxlens = a
-    assert set(samples) == set(lb.SYNTHETIC_TASKS) == set(prompts) == set(maxlens)
-    for task, ss in samples.items():
-        for n, s in enumerate(ss):
-            assert s["_id"] == f"{task}_{n}" and lb.is_synthetic(s["_id"])
-            assert s["dataset"] == task and 250 <= s["length"] <= 420
-            lb.build_prompt(s, prompts[task])
-
-
-def _resolve(context, name):
-    env = dict(re.findall(r"VAR (\w+) = (\d+|VAR \w+)\.", context))
-    value = env[name]
-    while value.startswith("VAR "):
-        value = env[value[4:]]
-    return value
-
-
-def test_synthetic_answers_derivable_from_context():
-    samples, _, _ = lb.synthetic_suite(4, seed=1, target_words=500)
-    for s in samples["synthetic_passkey"]:
-        assert f"The pass key is {s['answers'][0]}." in s["context"]
-        assert lb.count_score(s["answers"][0], s["answers"][0]) == 1.0
-    for s in samples["synthetic_kv"]:
-        key = re.search(r"number for (\w+)\?", s["input"]).group(1)
-        assert f"The special magic number for {key} is: {s['answers'][0]}." in s["context"]
-    for s in samples["synthetic_vartrack"]:
-        name = re.search(r"VAR (\w+)\?", s["input"]).group(1)
-        assert _resolve(s["context"], name) == s["answers"][0]
-    sources = [inspect.getsource(importlib.import_module(m)) for m in lb._CODE_MODULES]
-    for s in samples["synthetic_code"]:
-        answer = s["answers"][0]
-        assert any(s["context"] + answer + "\n" in src for src in sources)
-        assert lb.code_sim_score(answer, answer) == 1.0
-
-
 # ----------------------------------------------------------------------------- split
 
+def tasks_of(n_per_task: dict[str, int]) -> dict[str, list[dict]]:
+    """Samples by task in file order, ids <task>-<i>."""
+    return {t: [{"_id": f"{t}-{i}", "dataset": t} for i in range(n)] for t, n in n_per_task.items()}
+
+
 def test_split_disjoint_deterministic():
-    samples, _, _ = lb.synthetic_suite(5, seed=0, target_words=100)
+    samples = tasks_of({"a": 5, "b": 5, "c": 5, "d": 5})
     calib, ev = lb.dataset_split(samples, 2, seed=3)
     assert len(calib) == 8 and len(ev) == 12 and not set(calib) & set(ev)
     assert (calib, ev) == lb.dataset_split(samples, 2, seed=3)
@@ -269,6 +229,87 @@ def test_split_disjoint_deterministic():
     assert lb.dataset_split(samples, 2, seed=4) != (calib, ev)
     c_all, e_all = lb.dataset_split(samples, 99, seed=0)
     assert len(e_all) == 4  # every task keeps one evaluation sample
+
+
+def test_evaluation_and_calibration_samples_never_meet():
+    samples = tasks_of({"a": 9, "b": 3, "c": 1})
+    reserve = lb.reserved_ids(samples)
+    assert reserve == set(lb.dataset_split(samples, 2, 0)[0]) and len(reserve) == 2 + 2 + 0
+    first2 = lb.evaluation_samples(samples, 2, set())
+    # per task, file order, outside the reserve: the first two (c has one sample: it is evaluated)
+    assert [s["_id"] for s in first2] == [i for t in "abc" for i in [s["_id"] for s in samples[t]
+                                                                    if s["_id"] not in reserve][:2]]
+    pool = lb.calibration_pool(samples)
+    pool_ids = {s["_id"] for ss in pool.values() for s in ss}
+    assert not pool_ids & {s["_id"] for s in first2} and pool_ids | {s["_id"] for s in first2} == \
+        {s["_id"] for ss in samples.values() for s in ss}
+    # a plan calibrated on pool samples changes nothing about the standard evaluation ...
+    assert lb.evaluation_samples(samples, 2, pool_ids) == first2
+    # ... and everything else it touched is never evaluated, even with --limit 0
+    assert not {s["_id"] for s in lb.evaluation_samples(samples, 0, pool_ids)} & pool_ids
+
+
+def test_draw_is_round_robin_nested_and_disjoint_from_validation():
+    pool = tasks_of({"a": 6, "b": 2, "c": 4})
+    validation = lb.draw(pool, 3)
+    assert sorted(s["dataset"] for s in validation) == ["a", "b", "c"]  # one per task first
+    rest = lb.without(pool, validation)
+    small, large = lb.draw(rest, 4), lb.draw(rest, 8)
+    assert large[:4] == small and not {s["_id"] for s in large} & {s["_id"] for s in validation}
+    assert [s["dataset"] for s in large] == ["a", "b", "c", "a", "c", "a", "c", "a"]  # b runs out
+    with pytest.raises(ValueError, match="holds 9 samples, fewer than the 10 asked for"):
+        lb.draw(rest, 10)
+
+
+def test_prompt_ids_split_context_and_question(smollm2):
+    _, tok = smollm2
+    sample = {"input": "What is the river called?", "context": "The river is called Elbe. " * 300, "dataset": "hotpotqa",
+              "_id": "x", "template": "Read.\n{context}\n\nQuestion: {input}\nAnswer:"}
+    for max_length in (4000, 500):  # whole, and middle-truncated
+        ids, n_context = lb.prompt_ids(tok, sample, max_length)
+        question = tok.decode(ids[n_context:])
+        # a token straddling the boundary counts as context: here " \n" takes one of the newlines
+        assert question.startswith("\nQuestion: What is the river called?\nAnswer:")
+        assert question.endswith("assistant\n") and "Elbe" not in question
+        assert "Elbe" in tok.decode(ids[n_context - 8:n_context])  # the context runs up to the question
+    raw = dict(sample, dataset="trec", template="{context}\n{input}")
+    ids, n_context = lb.prompt_ids(tok, raw, 500)
+    assert tok.decode(ids[n_context:]) == "\nWhat is the river called?"
+    assert ids == tok.encode(tok.decode(ids[:250]) + tok.decode(ids[250:])).ids  # one-piece encoding, as before
+
+
+def test_install_zip_checks_the_sha256_and_extracts_the_english_tasks(tmp_path):
+    import hashlib
+    import zipfile
+    z = tmp_path / "data.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("data/trec.jsonl", _row(dataset="trec") + "\n")
+        f.writestr("data/lsht.jsonl", "{}\n")  # Chinese: not extracted
+    digest = hashlib.sha256(z.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="does not match the published"):
+        lb.install_zip(z, "0" * 64, tmp_path / "LongBench")
+    with pytest.raises(FileNotFoundError, match="put dataset2prompt.json and dataset2maxlen.json .* into"):
+        lb.install_zip(z, digest, tmp_path / "LongBench")
+    assert (tmp_path / "LongBench" / "trec.jsonl").is_file() and not (tmp_path / "LongBench" / "lsht.jsonl").exists()
+    with zipfile.ZipFile(z, "a") as f:  # a zip that carries the configs is complete
+        f.writestr("config/dataset2prompt.json", '{"trec": "{context}\\n{input}"}')
+        f.writestr("config/dataset2maxlen.json", '{"trec": 64}')
+    digest = hashlib.sha256(z.read_bytes()).hexdigest()
+    d = lb.install_zip(z, digest, tmp_path / "LongBench")
+    assert lb.find_data_dir(str(d), tmp_path) == d and list(lb.load_samples(d)) == ["trec"]
+
+
+def test_download_uses_the_hub_and_falls_back_without_a_network(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, repo_type: calls.append((repo, name)) or "z")
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url: type("M", (), {"etag": '"abc"'}))
+    monkeypatch.setattr(lb, "install_zip", lambda path, sha, dest: (path, sha, dest))
+    assert lb.download(tmp_path) == (Path("z"), "abc", tmp_path) and calls == [("THUDM/LongBench", "data.zip")]
+    monkeypatch.delenv("LONGBENCH_DIR", raising=False)
+    monkeypatch.setattr(lb, "online", lambda: False)
+    assert lb.find_or_download(None, tmp_path) == (None, "no LongBench folder and no network: running RULER "
+                                                         "(generated offline) instead")
 
 
 def test_check_disjoint_and_duplicates():

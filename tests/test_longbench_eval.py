@@ -1,5 +1,6 @@
 """longbench_eval.py end to end on a tiny random checkpoint and a tiny LongBench-format folder:
-outputs, resume, a 2-process gloo run equal to 1 process, calibration-id exclusion, bad input."""
+outputs, resume, a 2-process gloo run equal to 1 process, calibration-id exclusion, query-agnostic
+compression, RULER without data, bad input."""
 import json
 import os
 import shutil
@@ -15,9 +16,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import longbench as LB  # noqa: E402
 import longbench_eval as E  # noqa: E402
 import model as M  # noqa: E402
 import polykv as K  # noqa: E402
+import report  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 N_LAYERS = 3
@@ -59,7 +62,8 @@ def context(i: int, n_words: int = 90) -> str:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """2 tasks x 3 samples: hotpotqa (chat template, QA F1) and trec (raw prompt, classification)."""
+    """2 tasks x 6 samples: hotpotqa (chat template, QA F1) and trec (raw prompt, classification).
+    2 per task are the calibration reserve; the other 4, in file order, are evaluated."""
     d = tmp_path_factory.mktemp("longbench")
     (d / "config").mkdir()
     (d / "config" / "dataset2prompt.json").write_text(json.dumps({
@@ -68,7 +72,7 @@ def data(tmp_path_factory) -> Path:
     (d / "config" / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 6, "trec": 5}))
     for task, extra in (("hotpotqa", {}), ("trec", {"all_classes": ["Location", "Person", "Number"]})):
         rows = [{"input": f"what is {WORDS[i]}?", "context": context(i), "answers": [WORDS[i]], "_id": f"{task}-{i}",
-                 "length": 90, "dataset": task, "language": "en", **extra} for i in range(3)]
+                 "length": 90, "dataset": task, "language": "en", **extra} for i in range(6)]
         (d / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
@@ -101,11 +105,12 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
         metrics["scores"]["fullkv"]["full"]["average"] - metrics["scores"][best]["48"]["average"])
     assert sd["fullkv_minus_best"][1] <= sd["fullkv_minus_best"][0] <= sd["fullkv_minus_best"][2]
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
-    assert "| h2o |" in printed and "saved" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
+    assert "longbench, query-aware, 2 per task" in printed.splitlines()[0]  # the mode, said first
+    assert "| h2o |" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
     kl_row = f"| h2o | {tf['tf_kl']:.4f} | {metrics['fidelity']['h2o']['64']['tf_kl']:.4f} |"
     assert kl_row in printed  # the teacher-forced KL summary, one column per budget
     # the compressed caches really are smaller than the full one
-    kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == "hotpotqa-0"}
+    kv = {(r["method"], r["budget"]): r["kv_bytes"] for r in recs if r["id"] == recs[0]["id"]}
     assert kv[("h2o", 48)] < kv[("h2o", 64)] < kv[("fullkv", None)]
 
     calls = []
@@ -118,14 +123,14 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
 
 def test_bootstrap_difference_exact_cases():
     same = {"a": [10.0, 50.0, 0.0], "b": [100.0]}
-    assert E.bootstrap_difference(same, same) == [0.0, 0.0, 0.0]
+    assert report.bootstrap_difference(same, same) == [0.0, 0.0, 0.0]
     shifted = {t: [x + 7.5 for x in v] for t, v in same.items()}
-    assert E.bootstrap_difference(shifted, same) == pytest.approx([7.5, 7.5, 7.5])
+    assert report.bootstrap_difference(shifted, same) == pytest.approx([7.5, 7.5, 7.5])
     # one task, per-sample differences {0, 10}: a resample's mean is 0, 5 or 10 (each extreme 1/4 of the time)
-    diff = E.bootstrap_difference({"t": [10.0, 30.0]}, {"t": [10.0, 20.0]})
+    diff = report.bootstrap_difference({"t": [10.0, 30.0]}, {"t": [10.0, 20.0]})
     assert diff == pytest.approx([5.0, 0.0, 10.0])
     # tasks weigh equally, as in the LongBench average: task "b" (one sample, +40) counts as much as "a"
-    point, low, high = E.bootstrap_difference({"a": [0.0, 0.0, 0.0], "b": [40.0]}, {"a": [0.0, 0.0, 0.0], "b": [0.0]})
+    point, low, high = report.bootstrap_difference({"a": [0.0, 0.0, 0.0], "b": [40.0]}, {"a": [0.0, 0.0, 0.0], "b": [0.0]})
     assert (point, low, high) == pytest.approx((20.0, 20.0, 20.0))
 
 
@@ -140,14 +145,14 @@ def test_teacher_forced_fidelity_equals_one_cache_at_a_time(ckpt):
     caches = [cache.clone()] + [K.apply_plan(cache, stats, p) for p in plans]
     cont = torch.tensor(full_tokens)
     full_lp = K.teacher_forced_logprobs(model, cache.clone(), cont)
-    got = E.teacher_forced_fidelity(model, caches, full_tokens, full_lp)
+    got = E.teacher_forced_fidelity(model, M.stack_caches(caches), full_tokens, full_lp)
     assert got[0] == {"tf_agreement": 1.0, "tf_kl": 0.0}
     for c, g in zip(caches[1:], got[1:]):
         lp = K.teacher_forced_logprobs(model, c.clone(), cont)
         assert g["tf_agreement"] == pytest.approx((lp.argmax(-1) == cont[1:]).float().mean().item(), abs=1e-5)
         assert g["tf_kl"] == pytest.approx(K.continuation_kl(full_lp, model, c.clone(), cont), rel=1e-4, abs=1e-6)
     assert any(g["tf_agreement"] < 1 for g in got[1:])
-    assert E.teacher_forced_fidelity(model, caches, full_tokens[:1], full_lp)[1]["tf_agreement"] is None
+    assert E.teacher_forced_fidelity(model, M.stack_caches(caches), full_tokens[:1], full_lp)[1]["tf_agreement"] is None
 
 
 def test_batched_decoding_equals_one_by_one(ckpt, data, tmp_path):
@@ -191,14 +196,36 @@ def test_resume_follows_the_data_not_its_path(ckpt, data, tmp_path, monkeypatch,
     assert "holds a run with different data_id" in capsys.readouterr().err
 
 
-def test_synthetic_fallback_says_so(ckpt, tmp_path, monkeypatch, capsys):
+def test_without_data_or_network_ruler_runs_and_says_so(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LONGBENCH_DIR", raising=False)
     monkeypatch.setattr(E, "PROJECT", tmp_path)  # no data/LongBench there
-    out = tmp_path / "syn"
-    assert E.main(["--model", str(ckpt), "--out", str(out), "--max-length", "150", "--limit", "1",
-                   "--tasks", "synthetic_passkey", "--methods", "knorm", "--budget", "40"]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["tasks"] == ["synthetic_passkey"]
+    monkeypatch.setattr(LB, "online", lambda: False)
+    out = tmp_path / "ruler"
+    assert E.main(["--model", str(ckpt), "--out", str(out), "--max-length", "900", "--limit", "1",
+                   "--tasks", "niah_single_1", "--methods", "knorm", "--budget", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "no LongBench folder and no network: running RULER" in printed and "ruler, query-aware" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["niah_single_1"] and metrics["benchmark"] == "ruler"
+    recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in recs} == {"ruler_niah_single_1_900_s0_0"} and all(r["n_prompt_tokens"] <= 900 for r in recs)
+
+
+def test_query_agnostic_compresses_the_context_only(ckpt, data, tmp_path):
+    """FullKV is the same either way (context, then question, on one cache); compressed methods differ,
+    and their caches end with the question, which is never evicted."""
+    aware, agnostic = tmp_path / "aware", tmp_path / "agnostic"
+    extra = ["--methods", "snapkv", "knorm", "--budget", "40", "--limit", "1"]
+    assert E.main(args(ckpt, data, aware, *extra)) == 0
+    assert E.main(args(ckpt, data, agnostic, *extra, "--query", "agnostic")) == 0
+    rec = lambda d: {(r["id"], r["method"]): r for r in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}  # noqa: E731
+    a, g = rec(aware), rec(agnostic)
+    assert all(a[k]["tokens"] == g[k]["tokens"] for k in a if k[1] == "fullkv")
+    for k in a:  # the cache when decoding starts: the same for FullKV; query-agnostic keeps the question on top
+        assert a[k]["kv_bytes"] == g[k]["kv_bytes"] if k[1] == "fullkv" else a[k]["kv_bytes"] < g[k]["kv_bytes"]
+    assert any(a[k]["tf_kl"] != g[k]["tf_kl"] for k in a if k[1] != "fullkv")
+    assert json.loads((agnostic / "metrics.json").read_text())["query"] == "agnostic"
+    assert E.main(args(ckpt, data, aware, *extra, "--query", "agnostic")) == 2  # one mode per folder
 
 
 def save_plans(d: Path, model: str, calib_ids=(), val_ids=(), n_layers=N_LAYERS, budget=48) -> list[str]:
@@ -212,16 +239,25 @@ def save_plans(d: Path, model: str, calib_ids=(), val_ids=(), n_layers=N_LAYERS,
     return paths
 
 
+def outside_reserve(data: Path) -> dict[str, list[str]]:
+    """Per task, in file order, the ids outside the calibration reserve: what gets evaluated."""
+    by_task = LB.load_samples(data)
+    reserve = LB.reserved_ids(by_task)
+    return {t: [s["_id"] for s in ss if s["_id"] not in reserve] for t, ss in by_task.items()}
+
+
 def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, capsys):
-    plans = save_plans(tmp_path, ckpt.name, calib_ids=["hotpotqa-0"], val_ids=["trec-1"])
+    free = outside_reserve(data)
+    plans = save_plans(tmp_path, ckpt.name, calib_ids=[free["hotpotqa"][0]], val_ids=[free["trec"][1]])
     out = tmp_path / "run"
     assert E.main(args(ckpt, data, out, "--plan", *plans, "--methods", "snapkv", "polykv", "polykv_routing")) == 0
-    assert "2 excluded" in capsys.readouterr().out
+    assert "(6 calibration samples excluded)" in capsys.readouterr().out  # the reserve's 4 and the plans' 2
     recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
-    assert {r["id"] for r in recs} == {"hotpotqa-1", "hotpotqa-2", "trec-0", "trec-2"}  # next ones in file order
+    # the next ones in file order
+    assert {r["id"] for r in recs} == {*free["hotpotqa"][1:3], free["trec"][0], free["trec"][2]}
     assert {r["budget"] for r in recs} == {None, 48}  # the budget comes from the plans
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["excluded_calibration_samples"] == 2
+    assert metrics["excluded_calibration_samples"] == 6
     gap = metrics["gap_recovery"]["48"]["polykv"]
     assert gap["best_baseline"] == "snapkv" and "fidelity" in gap
     fid = metrics["fidelity"]
@@ -233,16 +269,29 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
     assert d["polykv"]["minus_best"][0] == pytest.approx(
         metrics["scores"]["polykv"]["48"]["average"] - metrics["scores"]["snapkv"]["48"]["average"])
     assert d["polykv"]["tf_kl_minus_best"][0] == pytest.approx(fid["polykv"]["48"]["tf_kl"] - fid["snapkv"]["48"]["tf_kl"])
-    # asking explicitly for a calibration sample is refused
-    assert E.main(args(ckpt, data, tmp_path / "x", "--plan", *plans, "--ids", "hotpotqa-0", "trec-0")) == 2
-    assert "both calibration and evaluation" in capsys.readouterr().err
+    # asking explicitly for a calibration sample (a plan's, or the reserve's) is refused
+    reserved = sorted(LB.reserved_ids(LB.load_samples(data)))[0]
+    for asked in (free["hotpotqa"][0], reserved):
+        assert E.main(args(ckpt, data, tmp_path / "x", "--plan", *plans, "--ids", asked, free["trec"][0])) == 2
+        assert "both calibration and evaluation" in capsys.readouterr().err
+
+
+def test_every_budget_evaluates_the_same_samples(ckpt, data, tmp_path):
+    """With or without a plan at that budget, with or without PolyKV: the committed plans and the
+    reserve are excluded whatever is asked, so the samples never depend on the budgets."""
+    ids = lambda d: {json.loads(l)["id"] for l in (d / "predictions.jsonl").read_text().splitlines()}  # noqa: E731
+    assert E.main(args(ckpt, data, tmp_path / "a", "--methods", "knorm", "--budget", "64")) == 0
+    assert E.main(args(ckpt, data, tmp_path / "b", "--methods", "knorm", "--budget", "40", "48")) == 0
+    free = outside_reserve(data)
+    assert ids(tmp_path / "a") == ids(tmp_path / "b") == {*free["hotpotqa"][:2], *free["trec"][:2]}
 
 
 def test_a_changed_plan_reruns_only_its_method(ckpt, data, tmp_path, monkeypatch):
     """Baselines first, PolyKV later into the same folder: same samples, baselines reused;
     a recalibrated plan re-runs PolyKV alone and the report uses the new plan's predictions."""
     out, plan_dir = tmp_path / "run", tmp_path / "plans"
-    plans = save_plans(plan_dir, ckpt.name, calib_ids=["hotpotqa-0"])
+    free = outside_reserve(data)
+    plans = save_plans(plan_dir, ckpt.name, calib_ids=[free["hotpotqa"][0]])
     assert E.main(args(ckpt, data, out, "--plan", *plans, "--methods", "snapkv")) == 0
     real, calls = M.generate_batch, []
     monkeypatch.setattr(M, "generate_batch",  # counts the runs decoded
@@ -260,15 +309,15 @@ def test_a_changed_plan_reruns_only_its_method(ckpt, data, tmp_path, monkeypatch
     assert len({r["plan"] for r in recs if r["method"] == "polykv"}) == 2  # old records kept, not used
     second = json.loads((out / "metrics.json").read_text())
     assert second["scores"]["snapkv"] == first["scores"]["snapkv"] and second["n_samples"] == first["n_samples"] == 4
-    assert {r["id"] for r in recs} == {"hotpotqa-1", "hotpotqa-2", "trec-0", "trec-1"}
+    assert {r["id"] for r in recs} == {*free["hotpotqa"][1:3], *free["trec"][:2]}
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--tasks", "hotpotqa", "gov_report"], "unknown task(s) gov_report; valid here: hotpotqa, trec"),
-    (["--budget", "16", "--methods", "h2o"], "smaller than the observation window 32"),
+    (["--tasks", "hotpotqa", "gov_report", "--methods", "h2o"], "unknown task(s) gov_report; valid here: hotpotqa, trec"),
     (["--methods", "polykv", "--plan", "PLACEHOLDER_OTHER_MODEL"], "plan is for model 'Llama-3.1-8B-Instruct'"),
-    (["--methods", "polykv", "--plan", "PLACEHOLDER_LAYERS"], "plan has 5 layers, model"),
-    (["--methods", "polykv", "--budget", "64", "--plan", "PLACEHOLDER_OK"], "no polykv plan for budget 64"),
+    (["--methods", "polykv", "--plan", "PLACEHOLDER_LAYERS"], "has 5 policies and 5 budgets, the model has 3 layers"),
+    (["--methods", "polykv", "--budget", "64", "--plan", "PLACEHOLDER_OK"], "no polykv plan for budget 64 (plans found: "),
+    (["--methods", "polykv", "--budget", "64"], "python calibrate.py --model"),
 ])
 def test_bad_input_is_a_clear_error(ckpt, data, tmp_path, capsys, extra, message):
     other = save_plans(tmp_path / "other", "Llama-3.1-8B-Instruct")[0]
@@ -285,7 +334,7 @@ def test_unknown_method_lists_valid_ones(ckpt, data, tmp_path, capsys):
         E.main(args(ckpt, data, tmp_path / "out", "--methods", "h2o", "lru"))
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "'lru'" in err and all(m in err for m in E.METHODS)
+    assert "'lru'" in err and all(m in err for m in K.METHODS)
 
 
 def test_malformed_jsonl_names_file_and_line(ckpt, data, tmp_path, capsys):
@@ -334,7 +383,7 @@ def test_quick_default_skips_long_generation_tasks(ckpt, data, tmp_path, monkeyp
     out = tmp_path / "quick"
     assert E.main(["--model", str(ckpt), "--data-dir", str(data), "--out", str(out), "--max-length", "200",
                    "--methods", "knorm", "--budget", "40"]) == 0
-    printed = capsys.readouterr().out
-    assert "skipping hotpotqa" in printed and "skipped hotpotqa" in printed
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "quick default run (1 per task, skipping hotpotqa" in first
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["tasks"] == ["trec"] and metrics["n_samples"] == E.DEFAULT_LIMIT["longbench"]
+    assert metrics["tasks"] == ["trec"] and metrics["n_samples"] == E.QUICK["longbench"]

@@ -13,6 +13,7 @@ import policies as P  # noqa: E402
 
 B, NH, NKV, HD = 2, 6, 2, 8  # GQA: 3 query heads per KV head
 G = NH // NKV
+NO_STATS = P.LayerStats(0, None)  # for the scorers that read only the keys
 
 
 def rand(*shape, seed=0):
@@ -99,29 +100,30 @@ def test_aggregate_heads_matches_repeat_interleave_grouping():
         P.aggregate_heads(rand(B, 5, 4), 2)
 
 
-def test_window_attention_matches_reference():
+def test_causal_attention_matches_reference():
     T, W = 13, 4
     q, k = rand(B, NH, W, HD, seed=1), rand(B, NKV, T, HD, seed=2)
-    attn = P.window_attention(q, k)
+    attn = P.causal_attention(q, k)
     assert attn.shape == (B, NH, W, T) and attn.dtype == torch.float32
     close(attn, ref_attention_rows(q, k))
 
 
-def test_window_attention_low_precision_input():
+def test_causal_attention_low_precision_input():
     q, k = rand(1, NH, 3, HD).bfloat16(), rand(1, NKV, 9, HD).bfloat16()
-    attn = P.window_attention(q, k)
+    attn = P.causal_attention(q, k)
     assert attn.dtype == torch.float32
     torch.testing.assert_close(attn.sum(-1), torch.ones(1, NH, 3))
 
 
-@pytest.mark.parametrize("chunks", [[20], [7, 7, 6], [1] * 20, [3, 16, 1]])
-def test_column_sums_over_chunks_equal_full_causal(chunks):
+@pytest.mark.parametrize("chunks,inner", [([20], 512), ([20], 3), ([7, 7, 6], 512), ([7, 7, 6], 4), ([1] * 20, 1),
+                                          ([3, 16, 1], 5)])
+def test_column_sums_over_chunks_equal_full_causal(chunks, inner):
     T = sum(chunks)
     q_all, k_all = rand(B, NH, T, HD, seed=3), rand(B, NKV, T, HD, seed=4)
     running, L = None, 0
-    for C in chunks:
+    for C in chunks:  # prefill chunks; `inner` = the query chunks of attention_column_sums
         L += C  # the chunk's queries are the last C of the L cached tokens
-        part = P.attention_column_sums(q_all[:, :, L - C:L], k_all[:, :, :L])
+        part = P.attention_column_sums(q_all[:, :, L - C:L], k_all[:, :, :L], chunk=inner)
         assert part.shape == (B, NH, L)
         running = P.accumulate_column_sums(running, part)
     full = ref_sum_queries(ref_attention_rows(q_all, k_all))  # naive T x T causal
@@ -138,7 +140,7 @@ def test_accumulate_rejects_shrinking():
 
 @pytest.mark.parametrize("T,sinks", [(12, 4), (12, 0), (3, 4), (10, 10)])
 def test_streamingllm_order(T, sinks):
-    s = P.streamingllm_scores(rand(B, NKV, T, HD), sinks=sinks)
+    s = P.streamingllm_scores(rand(B, NKV, T, HD), NO_STATS, P.Settings(sinks=sinks))
     assert s.shape == (B, NKV, T)
     row = s[1, 1].tolist()
     for i in range(T):
@@ -153,7 +155,11 @@ def test_streamingllm_order(T, sinks):
 @pytest.mark.parametrize("agg", ["mean", "max"])
 def test_h2o_scores(agg):
     attn_sum = rand(B, NH, 15).abs()
-    close(P.h2o_scores(attn_sum, NKV, agg=agg), ref_aggregate(attn_sum.tolist(), NKV, agg))
+    keys = rand(B, NKV, 15, HD)
+    close(P.h2o_scores(keys, P.LayerStats(0, None, attn_sum), P.Settings(agg=agg)),
+          ref_aggregate(attn_sum.tolist(), NKV, agg))
+    with pytest.raises(ValueError, match="layer 0: H2O needs the attention column sums"):
+        P.h2o_scores(keys, NO_STATS, P.Settings())
 
 
 def ref_snapkv(q, k, kernel, pooling, agg):
@@ -168,17 +174,22 @@ def ref_snapkv(q, k, kernel, pooling, agg):
                           (1, "avg", "mean", 8, 2), (5, "avg", "max", 6, 6), (7, "max", "mean", 8, 5)])
 def test_snapkv_scores(kernel, pooling, agg, T, W):
     q, k = rand(B, NH, W, HD, seed=5), rand(B, NKV, T, HD, seed=6)
-    s = P.snapkv_scores(q, k, kernel=kernel, pooling=pooling, agg=agg)
+    s = P.snapkv_scores(k, P.LayerStats(0, q), P.Settings(kernel=kernel, pooling=pooling, agg=agg))
     assert s.shape == (B, NKV, T)
     close(s, ref_snapkv(q, k, kernel, pooling, agg))
 
 
-def test_snapkv_rejects_bad_args():
-    q, k = rand(1, NH, 2, HD), rand(1, NKV, 8, HD)
-    with pytest.raises(ValueError):
-        P.snapkv_scores(q, k, kernel=4)
-    with pytest.raises(ValueError):
-        P.snapkv_scores(q, k, pooling="median")
+@pytest.mark.parametrize("field,value,message", [
+    ("kernel", 4, "settings.kernel must be a positive odd number, got 4"),
+    ("pooling", "median", "settings.pooling must be one of max, avg, got 'median'"),
+    ("window", 0, "settings.window must be at least 1"), ("window", -4, "settings.window must be at least 1"),
+    ("agg", "all", "settings.agg must be one of mean, max, got 'all'"),
+    ("tova_agg", "sum", "settings.tova_agg must be one of mean, max, all"),
+    ("sinks", -1, "settings.sinks must be >= 0"), ("seed", 1.5, "settings.seed must be an integer"),
+])
+def test_settings_reject_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        P.Settings(**{field: value})
 
 
 @pytest.mark.parametrize("agg", ["mean", "max"])
@@ -186,34 +197,39 @@ def test_tova_scores(agg):
     q, k = rand(B, NH, 5, HD, seed=7), rand(B, NKV, 14, HD, seed=8)
     last = ref_attention_rows(q[:, :, -1:], k)  # only the last query, at position T-1
     ref = ref_aggregate([[rows[0] for rows in hs] for hs in last], NKV, agg)
-    close(P.tova_scores(q, k, agg=agg), ref)
+    close(P.tova_scores(k, P.LayerStats(0, q), P.Settings(tova_agg=agg)), ref)
+
+
+def test_tova_all_heads_as_published():
+    q, k = rand(B, NH, 5, HD, seed=7), rand(B, NKV, 14, HD, seed=8)
+    last = ref_attention_rows(q[:, :, -1:], k)
+    mean_all = [[sum(hs[h][0][t] for h in range(NH)) / NH for t in range(14)] for hs in last]  # [b][t]
+    s = P.tova_scores(k, P.LayerStats(0, q), P.Settings(tova_agg="all"))
+    close(s, [[row] * NKV for row in mean_all])  # every KV head keeps the same tokens
 
 
 def test_knorm_scores():
     k = rand(B, NKV, 10, HD)
     ref = [[[-math.sqrt(sum(x * x for x in vec)) for vec in head] for head in b] for b in k.tolist()]
-    close(P.knorm_scores(k), ref)
+    close(P.knorm_scores(k, NO_STATS, P.Settings()), ref)
 
 
 def test_random_scores_reproducible():
     k = rand(B, NKV, 30, HD)
-    a, b, c = P.random_scores(k, seed=3), P.random_scores(k, seed=3), P.random_scores(k, seed=4)
+    a, b = P.random_scores(k, NO_STATS, P.Settings(seed=3)), P.random_scores(k, NO_STATS, P.Settings(seed=3))
+    c = P.random_scores(k, NO_STATS, P.Settings(seed=4))
     assert a.shape == (B, NKV, 30) and torch.equal(a, b) and not torch.equal(a, c)
+    # layer l draws with seed + l: layer 1 at seed 3 is layer 0 at seed 4
+    assert torch.equal(P.random_scores(k, P.LayerStats(1, None), P.Settings(seed=3)), c)
     assert a.min() >= 0 and a.max() < 1
 
 
-def test_score_tokens_dispatch():
+def test_every_scorer_has_the_one_signature():
     T, W = 12, 4
-    k, q, s = rand(B, NKV, T, HD), rand(B, NH, W, HD), rand(B, NH, T).abs()
-    assert set(P.SCORERS) == set(P.POLICY_NAMES)
-    assert torch.equal(P.score_tokens("snapkv", k, q, s, kernel=3), P.snapkv_scores(q, k, kernel=3))
-    assert torch.equal(P.score_tokens("tova", k, q, s), P.tova_scores(q, k))
-    assert torch.equal(P.score_tokens("h2o", k, q, s, agg="max"), P.h2o_scores(s, NKV, agg="max"))
-    assert torch.equal(P.score_tokens("streamingllm", k, sinks=2), P.streamingllm_scores(k, sinks=2))
-    assert torch.equal(P.score_tokens("knorm", k), P.knorm_scores(k))
-    assert torch.equal(P.score_tokens("random", k, seed=9), P.random_scores(k, seed=9))
-    with pytest.raises(ValueError):
-        P.score_tokens("oracle", k)
+    k, stats = rand(B, NKV, T, HD), P.LayerStats(3, rand(B, NH, W, HD), rand(B, NH, T).abs())
+    for name, score in P.SCORERS.items():
+        s = score(k, stats, P.Settings(window=W))
+        assert s.shape == (B, NKV, T) and s.dtype == torch.float32, name
 
 
 # --------------------------------------------------------------------- selection
@@ -249,7 +265,7 @@ def test_select_indices_properties(case):
 @given(st.integers(1, 80), st.integers(0, 8), st.integers(0, 16), st.integers(0, 40))
 def test_streamingllm_selection_keeps_sinks_and_recent(T, sinks, window, extra):
     budget = min(window, T) + min(sinks, T) + extra
-    idx = P.select_indices(P.streamingllm_scores(rand(1, NKV, T, HD), sinks=sinks), budget, window)
+    idx = P.select_indices(P.streamingllm_scores(rand(1, NKV, T, HD), NO_STATS, P.Settings(sinks=sinks)), budget, window)
     k = min(budget, T)
     expected = sorted(set(range(min(sinks, T))) | set(range(T - (k - min(sinks, T)), T)))
     assert idx[0, 0].tolist() == expected and idx[0, 1].tolist() == expected
@@ -259,7 +275,7 @@ def test_streamingllm_selection_keeps_sinks_and_recent(T, sinks, window, extra):
 @given(st.integers(1, 40), st.integers(0, 30), st.integers(0, 50))
 def test_budget_at_least_T_keeps_everything(T, extra, window):
     keys, values = rand(B, NKV, T, HD, seed=1), rand(B, NKV, T, HD, seed=2)
-    idx = P.select_indices(P.knorm_scores(keys), T + extra, window)
+    idx = P.select_indices(P.knorm_scores(keys, NO_STATS, P.Settings()), T + extra, window)
     assert torch.equal(idx, torch.arange(T).expand(B, NKV, T))
     k2, v2 = P.gather_kv(keys, values, idx)
     assert torch.equal(k2, keys) and torch.equal(v2, values)
@@ -267,7 +283,7 @@ def test_budget_at_least_T_keeps_everything(T, extra, window):
 
 def test_gather_kv_per_head_positions():
     keys, values = rand(B, NKV, 10, HD, seed=1), rand(B, NKV, 10, HD, seed=2)
-    idx = P.select_indices(P.random_scores(keys), budget=6, window=2)
+    idx = P.select_indices(P.random_scores(keys, NO_STATS, P.Settings()), budget=6, window=2)
     k2, v2 = P.gather_kv(keys, values, idx)
     assert k2.shape == v2.shape == (B, NKV, 6, HD)
     for b in range(B):

@@ -97,7 +97,7 @@ def test_passkey_snapkv_keeps_it_streamingllm_loses_it(smollm2, smollm2_dir):
     for key in ["68432", "51973", "2046", "358", "916"]:
         ids = passkey_prompt(tokenizer, 3000, key)
         assert 2800 < len(ids) < 3300
-        logits, cache, stats = K.prefill_with_stats(model, torch.tensor([ids]), h2o_layers=())
+        logits, cache, stats = K.prefill_with_stats(model, torch.tensor([ids]), P.Settings().window, h2o_layers=())
         plans = {"full": None, "snapkv512": K.uniform_plan(n, "snapkv", 512),
                  "streamingllm512": K.uniform_plan(n, "streamingllm", 512),
                  "streamingllm256": K.uniform_plan(n, "streamingllm", 256)}
@@ -110,7 +110,8 @@ def test_passkey_snapkv_keeps_it_streamingllm_loses_it(smollm2, smollm2_dir):
             for policy, expected in (("snapkv", 0.4), ("streamingllm", 0.0)):
                 kept = []
                 for layer in range(n):
-                    idx = P.select_indices(K.layer_scores(policy, cache.keys(layer), stats, layer, K.Settings()), 256)
+                    scores = K.layer_scores(cache.keys(layer), stats[layer], policy, P.Settings(), {})
+                    idx = P.select_indices(scores, 256, P.Settings().window)
                     kept += [p in set(idx[0, h].tolist()) for h in range(idx.shape[1]) for p in key_pos]
                 share = sum(kept) / len(kept)
                 assert share >= expected if policy == "snapkv" else share == 0.0, (policy, share)

@@ -1,0 +1,293 @@
+"""
+Experiments on the calibration: does what it learns hold on samples it never saw?
+
+    python calibration_study.py --budgets 128 512 --sizes 16 32 64 128 --data-dir DIR --out FOLDER
+    python calibration_study.py --head-routing --budgets 128 --data-dir DIR   # the per-KV-head lever
+
+- Learning curve: for n calibration samples (nested draws from longbench.calibration_pool), the
+  paper's calibration in both orders (routing first, allocation first) and the search on top of
+  it (calibrate.search), each plan scored on one fixed validation set, next to the best uniform
+  policy chosen on the same n samples.
+- Leave one family out (--family): PolyKV calibrated with and without a task family's samples,
+  both scored on held-out samples of that family: how much of the in-family gain survives.
+- TOVA's head aggregation: uniform TOVA within each KV head's query group (this project's
+  default) vs over all query heads (as published), on the validation set.
+Every plan goes to plans.jsonl and every validation KL to validation.jsonl as it is made, so an
+interrupted run resumes; `study_tables` turns them into RESULTS.md's tables and plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import calibrate as C
+import longbench as LB
+import model as M
+import polykv as K
+import policies as P
+import report
+
+FAMILIES = {"code": ("lcc", "repobench-p"), "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en")}
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    rows = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+            rows[row["key"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn last line: that row is redone
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sample_sets(data_dir: Path, sizes: list[int], n_validation: int, family: str | None, n_family: int, seed: int):
+    """(validation, calibration draws by name) where the draws are nested and never touch validation."""
+    pool = LB.calibration_pool(LB.load_samples(data_dir))
+    validation = LB.draw(pool, n_validation, seed)
+    rest = LB.without(pool, validation)
+    draws = {f"n{n}": LB.draw(rest, n, seed) for n in sizes}
+    held_out = []
+    if family:
+        tasks = FAMILIES[family]
+        draws["in-family"] = LB.draw(rest, n_family, seed)
+        draws["out-of-family"] = LB.draw({t: s for t, s in rest.items() if t not in tasks}, n_family, seed)
+        used = {s["_id"] for s in draws["in-family"]}
+        held_out = [s for t in tasks for s in rest.get(t, []) if s["_id"] not in used]  # family samples no plan saw
+        held_out += [s for s in validation if s["dataset"] in tasks]
+    return validation, draws, held_out
+
+
+def arms(draw_name: str, search_sizes: set[int]) -> list[str]:
+    """The calibrations a draw gets: both orders of the paper's method on the learning curve, and the
+    search on top where asked; the default order only for the leave-one-family-out draws."""
+    if not draw_name.startswith("n"):
+        return ["route-allocate"]
+    return ["route-allocate", "allocate-route"] + (["refined"] if int(draw_name[1:]) in search_sizes else [])
+
+
+def expected_keys(draws: dict, budgets: list[int], search_sizes: set[int]) -> list[str]:
+    return [f"{b}/{d}/{a}" for b in budgets for d in draws for a in arms(d, search_sizes)]
+
+
+def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.CalibrationSettings,
+               search_sizes: set[int], rows: dict, out: Path) -> None:
+    """Every plan of the study, written as it is made (plans.jsonl); rows already there are kept."""
+    settings, n = P.Settings(), model.cfg.n_layers
+    for budget in budgets:
+        for draw_name, samples in draws.items():
+            refs = [refs_by_id[s["_id"]] for s in samples]
+            for arm in arms(draw_name, search_sizes):
+                key = f"{budget}/{draw_name}/{arm}"
+                if key in rows:
+                    continue
+                t0 = time.perf_counter()
+                arm_cs = replace(cs, refine=True) if arm == "refined" else replace(cs, order=arm)
+                plans = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)
+                table = next(iter(plans.values()))["calibration"]
+                plans["uniform"] = {"policies": [table["best_uniform"]] * n, "budgets": [budget] * n,
+                                    "calibration": {"in_sample_kl": table["best_uniform_in_sample_kl"]}}
+                row = {"key": key, "budget": budget, "draw": draw_name, "n": len(samples), "arm": arm,
+                       "seconds": time.perf_counter() - t0, "calibration_ids": [s["_id"] for s in samples],
+                       "plans": {name: {k: p[k] for k in ("policies", "budgets")} | {"in_sample_kl": p["calibration"]["in_sample_kl"]}
+                                 for name, p in plans.items()}}
+                append_row(out / "plans.jsonl", row)
+                rows[key] = row
+                print(f"[{key}] {time.perf_counter() - t0:.0f} s: " + ", ".join(
+                    f"{name} {p['in_sample_kl']:.4f}" for name, p in row["plans"].items()), flush=True)
+        for agg in ("mean", "all"):  # TOVA's head aggregation, uniform at this budget
+            key = f"{budget}/tova_agg/{agg}"
+            if key not in rows:
+                rows[key] = {"key": key, "budget": budget, "draw": "tova_agg", "arm": agg, "tova_agg": agg,
+                             "plans": {"tova": {"policies": ["tova"] * n, "budgets": [budget] * n}}}
+                append_row(out / "plans.jsonl", rows[key])
+
+
+def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
+    """Each plan's KL on each validation reference it was not calibrated on (validation.jsonl)."""
+    for row in rows.values():
+        settings = P.Settings(tova_agg=row.get("tova_agg", "mean"))
+        for name, p in row["plans"].items():
+            key = f"{row['key']}/{name}"
+            if key in done:
+                continue
+            plan = K.Plan(p["policies"], p["budgets"], settings=settings)
+            kls = {r.sample_id: C.plan_sample_kl(model, r, plan) for r in val_refs
+                   if r.sample_id not in set(row.get("calibration_ids", []))}
+            done[key] = {"key": key, "kls": kls}
+            append_row(out / "validation.jsonl", done[key])
+
+
+def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: list[int], data_dir: Path | None,
+                 max_evals: int = 100) -> dict[int, Path]:
+    """A lever experiment, head-level routing: starting from each budget's PolyKV plan, the search may
+    give each KV head its own policy (budgets kept), on the plan's own calibration samples with the
+    same majority rule, scored on its validation samples. Writes budget<B>/polykv_heads.json."""
+    paths = {b: path for b in budgets if (path := K.plan_path(plan_dir, b, K.POLYKV_HEADS)).is_file()}
+    parents = {b: K.load_plan(K.plan_path(plan_dir, b, "polykv"), model.cfg.n_layers) for b in budgets if b not in paths}
+    if not parents:
+        return paths
+    first = next(iter(parents.values()))
+    cs = C.CalibrationSettings(**first.info["calibration_settings"])
+    calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir)
+    if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
+        raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
+    refs = C.build_references(model, tokenizer, model_dir, calibration, cs, first.settings, "calibration references")
+    val_refs = C.build_references(model, tokenizer, model_dir, validation, cs, first.settings, "validation references")
+    objective = lambda p, b: [C.plan_sample_kl(model, r, K.Plan(p, b, settings=first.settings)) for r in refs]  # noqa: E731
+    for b, parent in parents.items():
+        cal = parent.info["calibration"]
+        sens = cal["signals"]["sensitivity"] or [0.0] * len(parent.budgets)
+        order = sorted(range(len(parent.policies)), key=lambda l: -sens[l])
+        pol, bud, kl, trace = C.search(objective, parent.policies, parent.budgets, order,
+                                     C.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
+        val_kl = C.mean(C.plan_sample_kl(model, r, K.Plan(pol, bud, settings=first.settings)) for r in val_refs)
+        info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
+                                               "refined_from": {k: cal[k] for k in ("in_sample_kl", "validation_kl")}}}
+        paths[b] = K.plan_path(plan_dir, b, K.POLYKV_HEADS)
+        K.save_plan(K.Plan(pol, bud, K.POLYKV_HEADS, parent.model, parent.settings, info), paths[b])
+        report.plot_plan(K.load_plan(paths[b]), sens, paths[b].with_suffix(".png"))
+        print(f"[{b}] head-level routing: {sum('/' in p for p in pol)} layers split by head; in-sample KL "
+              f"{cal['in_sample_kl']:.4f} -> {kl:.4f}, validation KL {cal['validation_kl']:.4f} -> {val_kl:.4f}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- the study's tables and plot
+
+STUDY_ARMS = (  # (column, arm, plan): what calibration_study.py makes for each draw of n samples
+    ("best uniform", "route-allocate", "uniform"), ("routing", "route-allocate", "polykv_routing"),
+    ("allocation", "route-allocate", "polykv_allocation"), ("PolyKV (route, allocate)", "route-allocate", "polykv"),
+    ("PolyKV (allocate, route)", "allocate-route", "polykv"), ("search: routing", "refined", "polykv_routing"),
+    ("search: allocation", "refined", "polykv_allocation"), ("search: PolyKV", "refined", "polykv"))
+
+
+def mean_or_none(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def fmt(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_out_ids: list[str], out: Path) -> str:
+    """The learning curve, TOVA's head aggregation and leave-one-family-out, as markdown (study.md)
+    and a plot (curve.png), from calibration_study.py's plans.jsonl and validation.jsonl."""
+    def kl(key: str, ids: list[str]) -> float | None:
+        kls = validation.get(key, {}).get("kls", {})
+        return mean_or_none([kls[i] for i in ids if i in kls])
+    budgets = sorted({r["budget"] for r in rows.values()})
+    curves, lines = {}, []
+    for b in budgets:
+        sizes = sorted({r["n"] for r in rows.values() if r["budget"] == b and r["draw"].startswith("n")})
+        lines += [f"\n### Budget {b}: validation KL against the number of calibration samples "
+                  f"({len(validation_ids)} fixed validation samples)\n",
+                  "| n | " + " | ".join(c for c, _, _ in STUDY_ARMS) + " |", "|---" * (len(STUDY_ARMS) + 1) + "|"]
+        for n in sizes:
+            cells = [kl(f"{b}/n{n}/{arm}/{plan}", validation_ids) for _, arm, plan in STUDY_ARMS]
+            lines.append(f"| {n} | " + " | ".join(fmt(c) for c in cells) + " |")
+            for (column, _, _), c in zip(STUDY_ARMS, cells):
+                curves.setdefault((b, column), []).append((n, c))
+        agg = {a: kl(f"{b}/tova_agg/{a}/tova", validation_ids) for a in ("mean", "all")}
+        lines.append(f"\nUniform TOVA at {b}, validation KL: within each KV head's group {fmt(agg['mean'])}, "
+                     f"over all query heads (as published) {fmt(agg['all'])}.")
+        lines += lofo_lines(b, kl, held_out_ids)
+    text = "\n".join(lines) + "\n"
+    (Path(out) / "study.md").write_text(text)
+    plot_curves(curves, Path(out) / "curve.png")
+    return text
+
+
+def lofo_lines(budget: int, kl, held_out_ids: list[str]) -> list[str]:
+    """Leave one family out: the share of the in-family gain over uniform that survives without it."""
+    cells = {d: (kl(f"{budget}/{d}/route-allocate/uniform", held_out_ids), kl(f"{budget}/{d}/route-allocate/polykv", held_out_ids))
+             for d in ("in-family", "out-of-family")}
+    if None in cells["in-family"] + cells["out-of-family"]:
+        return []
+    gain = {d: u - p for d, (u, p) in cells.items()}
+    survives = gain["out-of-family"] / gain["in-family"] if gain["in-family"] > 0 else None
+    return [f"\nLeave one family out at {budget} ({len(held_out_ids)} held-out samples of the family): "
+            f"calibrated with it, best uniform {fmt(cells['in-family'][0])} -> PolyKV {fmt(cells['in-family'][1])}; "
+            f"without it, best uniform {fmt(cells['out-of-family'][0])} -> PolyKV {fmt(cells['out-of-family'][1])}; "
+            f"share of the in-family gain that survives: {'–' if survives is None else f'{100 * survives:.0f}%'}."]
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    budgets = sorted({b for b, _ in curves})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for (bb, column), points in curves.items():
+            points = [(n, v) for n, v in points if v is not None]
+            if bb == b and points:
+                ax.plot(*zip(*points), marker="o", ls="--" if column.startswith("search") else "-", label=column)
+        ax.set(xscale="log", yscale="log", xlabel="calibration samples", ylabel="validation KL to FullKV",
+               title=f"average budget {b}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--data-dir", required=True, help="LongBench folder")
+    p.add_argument("--out", type=Path, default=None, help="study folder (with --head-routing: the plan folder)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--search-sizes", type=int, nargs="*", default=None, help="sizes that also get the search (default: all)")
+    p.add_argument("--n-validation", type=int, default=C.CalibrationSettings().n_validation)
+    p.add_argument("--family", choices=sorted(FAMILIES), default=None, help="leave this task family out")
+    p.add_argument("--n-family", type=int, default=32, help="calibration samples with / without the family")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=C.CalibrationSettings().max_length)
+    p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
+    p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
+    args = p.parse_args(argv)
+    model_dir = M.resolve_model_dir(args.model)
+    data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
+    model, tokenizer = M.load_model(model_dir), M.load_tokenizer(model_dir)
+    if args.head_routing:
+        refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / model_dir.name, args.budgets, data_dir)
+        return
+    cs = C.CalibrationSettings(n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
+                               n_continuation=args.n_continuation)
+    validation, draws, held_out = sample_sets(data_dir, sorted(args.sizes), args.n_validation, args.family,
+                                              args.n_family, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps({"model": M.model_name(model_dir), "data": LB.data_id(data_dir),
+                                                     "calibration_settings": cs.__dict__, "argv": sys.argv[1:]}, indent=1))
+    rows = read_rows(args.out / "plans.jsonl")
+    needed = {s["_id"]: s for samples in draws.values() for s in samples}
+    search_sizes = set(args.sizes if args.search_sizes is None else args.search_sizes)
+    if any(key not in rows for key in expected_keys(draws, args.budgets, search_sizes)):
+        refs = C.build_references(model, tokenizer, model_dir, list(needed.values()), cs, P.Settings(), "calibration references")
+        make_plans(model, {r.sample_id: r for r in refs}, draws, args.budgets, cs, search_sizes, rows, args.out)
+        del refs
+    done = read_rows(args.out / "validation.jsonl")
+    val_samples = list({s["_id"]: s for s in validation + held_out}.values())
+    val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, P.Settings(), "validation references")
+    validate(model, val_refs, rows, done, args.out)
+    tables = study_tables(rows, done, [s["_id"] for s in validation], [s["_id"] for s in held_out], args.out)
+    print(tables)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,421 @@
+"""
+Reports: what the calibration and the evaluation measured, as tables and figures.
+
+- calibration: `calibration_table` (the plans under plans/<model>, read back from their JSON) and
+  `plot_plan` (one plan's budgets and policies per layer);
+- evaluation: metrics from a run's records (task scores, fidelity to FullKV, gap recovery,
+  bootstrap intervals), results.md and scores.png.
+Nothing here runs a model: every figure is recomputed from what the runs wrote.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import polykv as K
+import policies as P
+
+TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output (the runner feeds them)
+BOOTSTRAP_RESAMPLES = 2000
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibration_table(plan_dir: Path) -> str:
+    """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
+    rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL |", "|---" * 6 + "|"]
+    for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
+        budget = int(budget_dir.name[6:])
+        plans = {n: K.load_plan(path) for n in K.PLAN_METHODS if (path := K.plan_path(plan_dir, budget, n)).is_file()}
+        if not plans:
+            continue
+        cal = next(iter(plans.values())).info["calibration"]
+        rows.append(f"| {budget} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
+                    f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} |")
+        for name, plan in plans.items():
+            routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in P.SCORERS if p in plan.policies)
+            split = sum("/" in p for p in plan.policies)
+            routing += f", {split} split by KV head" if split else ""
+            c = plan.info["calibration"]
+            rows.append(f"| | {name} | {routing} | {min(plan.budgets)} … {max(plan.budgets)} | "
+                        f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} |")
+    return "\n".join(rows)
+
+
+def plot_plan(plan: K.Plan, sensitivity: list[float] | None, path: Path) -> None:
+    """Per-layer budget bars coloured by policy (a head-routed layer: one thin bar per KV head),
+    with the layer sensitivity (when the plan was allocated from it) on a second axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(P.SCORERS, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for layer, (policy, budget) in enumerate(zip(plan.policies, plan.budgets)):
+        names = K.head_policies(policy)
+        width = 0.8 / len(names)
+        for head, name in enumerate(names):
+            ax.bar(layer - 0.4 + width * (head + 0.5), budget, width=width, color=colours[name])
+    ax.set(xlabel="layer", ylabel="budget (tokens per KV head)",
+           title=f"{plan.name}: {plan.model}, average budget {plan.average_budget:.0f}")
+    for p in sorted({name for policy in plan.policies for name in K.head_policies(policy)}):
+        ax.bar(0, 0, color=colours[p], label=p)
+    ax.legend(loc="upper left", fontsize=8)
+    if sensitivity:
+        ax2 = ax.twinx()
+        ax2.plot(range(len(sensitivity)), sensitivity, "k.-", label="sensitivity (KL, only this layer compressed)")
+        ax2.set(yscale="log", ylabel="layer sensitivity (KL)")
+        ax2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- records: what the runner writes
+
+
+def plan_fingerprint(plan: K.Plan | None) -> str | None:
+    """Identifies what a method kept: a changed plan is a different run (None for FullKV)."""
+    return None if plan is None else hashlib.sha256(json.dumps([plan.policies, plan.budgets]).encode()).hexdigest()[:12]
+
+
+def run_key(sample_id: str, method: str, budget, fingerprint: str | None) -> str:
+    return f"{sample_id}\t{method}\t{budget}\t{fingerprint}"
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    """Every finished run in predictions*.jsonl; a line that is not a whole record (a run killed
+    mid-write leaves a torn one) is skipped, and that run is redone."""
+    records = {}
+    for path in sorted(Path(out).glob("predictions*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+                records[run_key(r["id"], r["method"], r["budget"], r.get("plan"))] = r
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return records
+
+
+def open_writer(path: Path):
+    """(file, write): write(record) appends one line and fsyncs it, so a crash loses at most that line."""
+    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    f = open(path, "a", encoding="utf-8")
+    if torn:  # a run killed mid-write left half a line: end it, so new records start clean
+        f.write("\n")
+
+    def write(record: dict) -> None:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return f, write
+
+
+def take_lock(out: Path) -> Path:
+    """Hold out/.lock for this process, so a second run into the same folder (which would replace
+    predictions.jsonl under the first one) is refused, naming the folder and the other process. A lock
+    left by a process that no longer runs is taken over. Released with release_lock (or at exit)."""
+    path = Path(out) / ".lock"
+    holder = path.read_text().strip() if path.is_file() else ""
+    if holder.isdigit() and int(holder) != os.getpid() and alive(int(holder)):
+        raise ValueError(f"{out} is in use by another run (pid {holder}, lock file {path}); wait for it to finish "
+                         "or use another --out")
+    tmp = path.with_name(f".lock.tmp{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, path)  # two takeovers at once: the last one wins, the other sees it below
+    if path.read_text().strip() != str(os.getpid()):
+        raise ValueError(f"{out} was just taken by another run (pid {path.read_text().strip()}); use another --out")
+    atexit.register(release_lock, path)
+    return path
+
+
+def release_lock(path: Path) -> None:
+    if path.is_file() and path.read_text().strip() == str(os.getpid()):
+        path.unlink()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_run_config(out: Path, config: dict) -> None:
+    """Refuse to resume into a folder holding results made with other settings. A run.json written
+    before a field existed gets the field (query-aware, then the only mode; the model's content hash)."""
+    path = out / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old.setdefault("query", "aware")
+        old.setdefault("model_id", config["model_id"])
+        old["settings"] = asdict(P.Settings(**old.get("settings", {})))  # fields added since take their defaults
+        diff = [k for k in config if old.get(k) != config[k]]
+        if diff:
+            raise ValueError(f"{out} holds a run with different {', '.join(diff)}; use another --out")
+    atomic_write(path, json.dumps(config, indent=1))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def fidelity(records: list[dict], full: list[list[int]]) -> dict:
+    """Agreement with FullKV over samples: greedy outputs (exact, common prefix) and teacher-forced."""
+    def prefix(a, b):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return n / len(b) if b else float(a == b)
+
+    def mean_of(key):  # records made before teacher-forced fidelity existed have no value
+        values = [r[key] for r in records if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+    tokens = [r["tokens"] for r in records]
+    return {"exact_match": sum(a == b for a, b in zip(tokens, full)) / len(full),
+            "prefix_agreement": sum(prefix(a, b) for a, b in zip(tokens, full)) / len(full),
+            "tf_agreement": mean_of("tf_agreement"), "tf_kl": mean_of("tf_kl")}
+
+
+def compute_metrics(records: dict, samples: list, runs: list, header: dict, sample_scores) -> dict:
+    """Task scores, fidelity, gap recovery and bootstrap intervals of every run on these samples.
+    sample_scores(task, predictions, answers_list, all_classes) is the benchmark's scorer."""
+    tasks = list(dict.fromkeys(s["dataset"] for s in samples))
+    fingerprints = {(m, b): plan_fingerprint(p) for m, b, p in runs}
+    rec = lambda s, m, b: records[run_key(s["_id"], m, b, fingerprints[(m, b)])]  # noqa: E731
+    full_tokens = [rec(s, "fullkv", None)["tokens"] for s in samples]
+    scores, fid, per_sample, tf_kl = {}, {}, {}, {}
+    by_task = {t: [s for s in samples if s["dataset"] == t] for t in tasks}
+    for method, budget, _ in runs:
+        key = "full" if budget is None else str(budget)
+        per_sample[method, key] = {t: sample_scores(t, [rec(s, method, budget)["prediction"] for s in ss],
+                                                    [s["answers"] for s in ss], ss[0]["all_classes"])
+                                   for t, ss in by_task.items()}
+        tf_kl[method, key] = [rec(s, method, budget).get("tf_kl") for s in samples]
+        per_task = {t: sum(v) / len(v) for t, v in per_sample[method, key].items()}
+        scores.setdefault(method, {})[key] = {"tasks": per_task, "average": sum(per_task.values()) / len(tasks)}
+        fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget) for s in samples], full_tokens)
+    prefills = {s["_id"]: rec(s, "fullkv", None)["prefill_seconds"] for s in samples}
+    return {**header, "tasks": tasks, "n_samples": len(samples), "scores": scores, "fidelity": fid,
+            "gap_recovery": gap_recovery(scores, fid, runs),
+            "score_differences": score_differences(scores, fid, per_sample, tf_kl),
+            "timing": {"prefill_seconds": sum(prefills.values()), "runs_per_prefill": len(runs),
+                       "prefill_seconds_saved": sum(prefills.values()) * (len(runs) - 1),
+                       "run_seconds": sum(rec(s, m, b)["seconds"] for s in samples for m, b, _ in runs)}}
+
+
+def best_baselines(scores: dict, fid: dict, b: str) -> dict | None:
+    """Which baseline is best at budget b on each measure: highest average score, prefix agreement
+    and teacher-forced agreement; lowest teacher-forced KL. None when no baseline ran at b."""
+    base = [m for m in K.BASELINES if b in scores.get(m, {})]
+    if not base:
+        return None
+    measure = lambda key: {m: fid[m][b][key] for m in base if fid[m][b][key] is not None}  # noqa: E731
+    agree, kl = measure("tf_agreement"), measure("tf_kl")
+    return {"score": max(base, key=lambda m: scores[m][b]["average"]),
+            "prefix": max(base, key=lambda m: fid[m][b]["prefix_agreement"]),
+            "tf_agreement": max(agree, key=agree.get, default=None), "tf_kl": min(kl, key=kl.get, default=None)}
+
+
+def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
+    """Per budget, per PolyKV variant: on the task average, on prefix agreement and on teacher-forced
+    agreement and KL, each against the baseline that is best on that measure."""
+    out = {}
+    full = scores["fullkv"]["full"]["average"]
+    for budget in sorted({b for _, b, _ in runs if b is not None}):
+        b = str(budget)
+        best = best_baselines(scores, fid, b)
+        if best is None:
+            continue
+        base, base_f = scores[best["score"]][b]["average"], fid[best["prefix"]][b]["prefix_agreement"]
+        base_t = fid[best["tf_agreement"]][b]["tf_agreement"] if best["tf_agreement"] else None
+        base_k = fid[best["tf_kl"]][b]["tf_kl"] if best["tf_kl"] else None
+        for m in K.PLAN_METHODS:
+            if b in scores.get(m, {}):
+                p, pf, pt, pk = (scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"],
+                                 fid[m][b]["tf_kl"])
+                out.setdefault(b, {})[m] = {
+                    # only defined when FullKV beats the best baseline: with too few samples it may not
+                    "score": (p - base) / (full - base) if full > base else None,
+                    "best_baseline": best["score"], "best_baseline_average": base, "fullkv_average": full,
+                    "baselines_compared": sorted(m for m in K.BASELINES if b in scores.get(m, {})),
+                    "fidelity": (pf - base_f) / (1 - base_f) if base_f < 1 else None,
+                    "best_baseline_fidelity": best["prefix"],
+                    "tf_agreement": (pt - base_t) / (1 - base_t) if base_t is not None and pt is not None and base_t < 1 else None,
+                    "best_baseline_tf_agreement": best["tf_agreement"],
+                    # FullKV's KL to itself is 0: the share of the best baseline's KL that is removed
+                    "tf_kl": (base_k - pk) / base_k if base_k is not None and pk is not None and base_k > 0 else None,
+                    "best_baseline_tf_kl": best["tf_kl"]}
+    return out
+
+
+def bootstrap_difference(a: dict, b: dict, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float]:
+    """[difference, low, high]: the average of a minus that of b (per-sample scores by task) with a 95%
+    paired bootstrap interval: samples are redrawn within each task, the same draws for both methods,
+    so the interval shows how much of a difference the sample choice alone can make."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = torch.zeros(n, dtype=torch.float64)
+    for task in a:
+        d = torch.tensor(a[task], dtype=torch.float64) - torch.tensor(b[task], dtype=torch.float64)  # (S,)
+        draws = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, S)
+        diffs += d[draws].mean(-1) / len(a)
+    point = sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a.values(), b.values())) / len(a)
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [point, low, high]
+
+
+def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) -> dict:
+    """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, and its
+    teacher-forced KL minus the lowest baseline KL, with bootstrap intervals (noise or a real gap?).
+    Also FullKV's score minus the best baseline's: the gap itself."""
+    def paired_kl(a: list, b: list) -> list[float] | None:  # samples with a KL for both (FullKV said >= 2 tokens)
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        return bootstrap_difference({"all": [x for x, _ in pairs]}, {"all": [y for _, y in pairs]}) if pairs else None
+    out = {}
+    for b in sorted({k for per in scores.values() for k in per if k != "full"}, key=int):
+        found = best_baselines(scores, fid, b)
+        if found is None:
+            continue
+        best, best_kl = found["score"], found["tf_kl"]
+        out[b] = {"best_baseline": best, "best_baseline_tf_kl": best_kl,
+                  "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
+        for m in K.PLAN_METHODS:
+            if (m, b) in per_sample:
+                out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
+                             "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"]),
+                             "tf_kl_minus_best": paired_kl(tf_kl[m, b], tf_kl[best_kl, b]) if best_kl else None}
+    return out
+
+
+# ----------------------------------------------------------------------------- results.md and scores.png
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def interval(d: list[float], digits: int = 2) -> str:
+    return f"{d[0]:+.{digits}f} [{d[1]:+.{digits}f}, {d[2]:+.{digits}f}]"
+
+
+def table(first: str, columns: list, rows: list[list[str]]) -> list[str]:
+    """A markdown table: a header row, its rule, then the rows."""
+    return ([f"| {first} | " + " | ".join(map(str, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
+    """One column per budget: scores and agreement, gap recovery, bootstrap differences, KL."""
+    scores, fid, gaps, diffs = metrics["scores"], metrics["fidelity"], metrics["gap_recovery"], metrics.get("score_differences", {})
+    cell = lambda m, k: (f"{scores[m][k]['average']:.2f} / {fid[m][k]['prefix_agreement']:.2f} / "  # noqa: E731
+                         f"{fmt(fid[m][k]['tf_agreement'])}" if k in scores[m] else "–")
+    rows = [[m] + [cell(m, "full" if m == "fullkv" else str(b)) for b in budgets] for m in scores]
+    for name in K.PLAN_METHODS:
+        found = [gaps.get(str(b), {}).get(name) for b in budgets]
+        if any(found):
+            rows.append([f"{name} gap recovery: score / prefix / tf agree / tf KL"] + [
+                " / ".join(pct(g.get(k)) if g else "–" for k in ("score", "fidelity", "tf_agreement", "tf_kl")) for g in found])
+    lines = ["\n### Summary: average score / prefix agreement / teacher-forced agreement with FullKV\n"]
+    lines += table("method", budgets, rows)
+    at = lambda b: diffs.get(str(b), {})  # noqa: E731
+    rows = [["best baseline"] + [at(b).get("best_baseline", "–") for b in budgets],
+            ["fullkv"] + [interval(at(b)["fullkv_minus_best"]) if at(b) else "–" for b in budgets]]
+    rows += [[n] + [interval(at(b)[n]["minus_best"]) if n in at(b) else "–" for b in budgets]
+             for n in K.PLAN_METHODS if any(n in at(b) for b in budgets)]
+    lines += [f"\n### Summary: average score minus the best baseline's (points), 95% paired bootstrap interval "
+              f"over samples ({BOOTSTRAP_RESAMPLES} resamples within tasks)\n"] + table("method", budgets, rows)
+    rows = [["lowest-KL baseline"] + [str(at(b).get("best_baseline_tf_kl", "–")) for b in budgets]]
+    for n in K.PLAN_METHODS:
+        cells = [at(b).get(n, {}).get("tf_kl_minus_best") for b in budgets]
+        if any(cells):
+            rows.append([n] + ["–" if d is None else interval(d, 4) for d in cells])
+    lines += ["\nTeacher-forced KL minus the lowest baseline KL, same bootstrap over samples:\n"]
+    lines += table("method", budgets, rows)
+    rows = [[m] + [fmt(per.get(str(b), {}).get("tf_kl"), 4) for b in budgets] for m, per in fid.items() if m != "fullkv"]
+    return lines + ["\n### Summary: teacher-forced KL(FullKV || method), lower is better\n"] + table("method", budgets, rows)
+
+
+def budget_table(metrics: dict, b: int) -> list[str]:
+    """Every method at one budget: per-task scores, the average, and agreement with FullKV."""
+    tasks, rows = metrics["tasks"], []
+    for m, per in metrics["scores"].items():
+        key = "full" if m == "fullkv" else str(b)
+        if key in per:
+            s, f = per[key], metrics["fidelity"][m][key]
+            rows.append([m] + [f"{s['tasks'][t]:.1f}" for t in tasks] + [
+                f"**{s['average']:.2f}**", f"{f['exact_match']:.2f}", f"{f['prefix_agreement']:.2f}",
+                fmt(f["tf_agreement"]), fmt(f["tf_kl"], 4)])
+    lines = [f"\n### Average budget {b} tokens per KV head per layer ({metrics['n_samples']} samples)\n"]
+    lines += table("method", tasks + ["avg", "exact", "prefix", "tf agree", "tf KL"], rows)
+    for m, g in metrics["gap_recovery"].get(str(b), {}).items():
+        score = "n/a (FullKV does not beat the best baseline here)" if g["score"] is None else pct(g["score"])
+        lines.append(f"\n{m}: gap recovery {score} of the gap to FullKV over the best baseline "
+                     f"({g['best_baseline']}); on prefix agreement {pct(g['fidelity'])} (vs {g['best_baseline_fidelity']}); "
+                     f"on teacher-forced agreement {pct(g.get('tf_agreement'))} (vs {g.get('best_baseline_tf_agreement')}); "
+                     f"on teacher-forced KL {pct(g.get('tf_kl'))} (vs {g.get('best_baseline_tf_kl')})")
+    return lines
+
+
+def markdown(metrics: dict) -> str:
+    lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, prompts truncated to "
+             f"{metrics['max_length']} tokens, {metrics['excluded_calibration_samples']} calibration samples excluded. "
+             "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
+             f"tf agree / tf KL: fed FullKV's output (first {TF_TOKENS} tokens), share of next tokens predicted as "
+             "FullKV does / mean KL(FullKV || method)."]
+    budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
+    if len(budgets) > 1:
+        lines += summary_tables(metrics, budgets)
+    for b in budgets:
+        lines += budget_table(metrics, b)
+    return "\n".join(lines) + "\n"
+
+
+def plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, per in metrics["scores"].items():
+        if m == "fullkv":
+            ax.axhline(per["full"]["average"], color="black", ls="--", label="fullkv")
+            continue
+        xs = sorted(int(b) for b in per)
+        ax.plot(xs, [per[str(x)]["average"] for x in xs], marker="o", label=m)
+        ax_f.plot(xs, [metrics["fidelity"][m][str(x)]["prefix_agreement"] for x in xs], marker="o", label=m)
+    ax.set(xscale="log", xlabel="average budget (tokens per KV head per layer)", ylabel="average score",
+           title=f"{metrics['model']} ({metrics['n_samples']} samples)")
+    ax_f.set(xscale="log", xlabel="average budget (tokens per KV head per layer)",
+             ylabel="prefix agreement with FullKV", title="fidelity to FullKV")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, samples: list, runs: list, header: dict, sample_scores) -> dict:
+    """Merge the ranks' predictions, then metrics.json, results.md and scores.png."""
+    records = read_records(out)
+    atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+    for p in out.glob("predictions.rank*.jsonl"):
+        p.unlink()
+    metrics = compute_metrics(records, samples, runs, header, sample_scores)
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+    atomic_write(out / "results.md", markdown(metrics))
+    plot(metrics, out / "scores.png")
+    return metrics

@@ -67,29 +67,29 @@ def sample_sets(data_dir: Path, sizes: list[int], n_validation: int, family: str
         used = {s["_id"] for s in draws["in-family"]}
         held_out = [s for t in tasks for s in rest.get(t, []) if s["_id"] not in used]  # family samples no plan saw
         held_out += [s for s in validation if s["dataset"] in tasks]
-    return validation, draws, held_out
+    return validation, dict(sorted(draws.items(), key=lambda kv: len(kv[1]))), held_out  # the cheapest draws first
 
 
-def arms(draw_name: str, search_sizes: set[int]) -> list[str]:
-    """The calibrations a draw gets: both orders of the paper's method on the learning curve, and the
-    search on top where asked; the default order only for the leave-one-family-out draws."""
-    if not draw_name.startswith("n"):
-        return ["route-allocate"]
-    return ["route-allocate", "allocate-route"] + (["refined"] if int(draw_name[1:]) in search_sizes else [])
+def arms(draw_name: str, extra_sizes: set[int]) -> list[str]:
+    """The calibrations a draw gets: the paper's method (routing first) on every draw; the other order
+    and the search on top of it only for `extra_sizes` (their cost grows with n)."""
+    if draw_name.startswith("n") and int(draw_name[1:]) in extra_sizes:
+        return ["route-allocate", "allocate-route", "refined"]
+    return ["route-allocate"]
 
 
-def expected_keys(draws: dict, budgets: list[int], search_sizes: set[int]) -> list[str]:
-    return [f"{b}/{d}/{a}" for b in budgets for d in draws for a in arms(d, search_sizes)]
+def expected_keys(draws: dict, budgets: list[int], extra_sizes: set[int]) -> list[str]:
+    return [f"{b}/{d}/{a}" for d in draws for b in budgets for a in arms(d, extra_sizes)]
 
 
 def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.CalibrationSettings,
-               search_sizes: set[int], rows: dict, out: Path) -> None:
+               extra_sizes: set[int], rows: dict, out: Path) -> None:
     """Every plan of the study, written as it is made (plans.jsonl); rows already there are kept."""
     settings, n = P.Settings(), model.cfg.n_layers
-    for budget in budgets:
-        for draw_name, samples in draws.items():
+    for draw_name, samples in draws.items():  # smallest draws first: a partial run covers every budget
+        for budget in budgets:
             refs = [refs_by_id[s["_id"]] for s in samples]
-            for arm in arms(draw_name, search_sizes):
+            for arm in arms(draw_name, extra_sizes):
                 key = f"{budget}/{draw_name}/{arm}"
                 if key in rows:
                     continue
@@ -107,12 +107,12 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 rows[key] = row
                 print(f"[{key}] {time.perf_counter() - t0:.0f} s: " + ", ".join(
                     f"{name} {p['in_sample_kl']:.4f}" for name, p in row["plans"].items()), flush=True)
-        for agg in ("mean", "all"):  # TOVA's head aggregation, uniform at this budget
-            key = f"{budget}/tova_agg/{agg}"
-            if key not in rows:
-                rows[key] = {"key": key, "budget": budget, "draw": "tova_agg", "arm": agg, "tova_agg": agg,
-                             "plans": {"tova": {"policies": ["tova"] * n, "budgets": [budget] * n}}}
-                append_row(out / "plans.jsonl", rows[key])
+    for budget, agg in [(b, a) for b in budgets for a in ("mean", "all")]:  # TOVA's head aggregation, uniform
+        key = f"{budget}/tova_agg/{agg}"
+        if key not in rows:
+            rows[key] = {"key": key, "budget": budget, "draw": "tova_agg", "arm": agg, "tova_agg": agg,
+                         "plans": {"tova": {"policies": ["tova"] * n, "budgets": [budget] * n}}}
+            append_row(out / "plans.jsonl", rows[key])
 
 
 def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
@@ -249,7 +249,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="study folder (with --head-routing: the plan folder)")
     p.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--search-sizes", type=int, nargs="*", default=None, help="sizes that also get the search (default: all)")
+    p.add_argument("--extra-sizes", type=int, nargs="*", default=[16, 32],
+                   help="sizes that also get the other order and the search (their cost grows with n)")
     p.add_argument("--n-validation", type=int, default=C.CalibrationSettings().n_validation)
     p.add_argument("--family", choices=sorted(FAMILIES), default=None, help="leave this task family out")
     p.add_argument("--n-family", type=int, default=32, help="calibration samples with / without the family")
@@ -273,10 +274,10 @@ def main(argv=None) -> None:
                                                      "calibration_settings": cs.__dict__, "argv": sys.argv[1:]}, indent=1))
     rows = read_rows(args.out / "plans.jsonl")
     needed = {s["_id"]: s for samples in draws.values() for s in samples}
-    search_sizes = set(args.sizes if args.search_sizes is None else args.search_sizes)
-    if any(key not in rows for key in expected_keys(draws, args.budgets, search_sizes)):
+    extra_sizes = set(args.extra_sizes)
+    if any(key not in rows for key in expected_keys(draws, args.budgets, extra_sizes)):
         refs = C.build_references(model, tokenizer, model_dir, list(needed.values()), cs, P.Settings(), "calibration references")
-        make_plans(model, {r.sample_id: r for r in refs}, draws, args.budgets, cs, search_sizes, rows, args.out)
+        make_plans(model, {r.sample_id: r for r in refs}, draws, args.budgets, cs, extra_sizes, rows, args.out)
         del refs
     done = read_rows(args.out / "validation.jsonl")
     val_samples = list({s["_id"]: s for s in validation + held_out}.values())

@@ -57,7 +57,7 @@ class RunSettings:
     query: str = "aware"  # "aware" or "agnostic"
     tasks: tuple[str, ...] = ()  # () = all
     ids: tuple[str, ...] = ()
-    plans: tuple[Path, ...] = ()  # --plan files (default: the committed plans)
+    plans: tuple[str, ...] = ()  # --plan files or NAME=FILE (default: the committed plans)
     model: str | None = None
     data_dir: Path | None = None  # LongBench folder; None for RULER
     out: Path | None = None
@@ -101,16 +101,28 @@ def select_samples(s: RunSettings, by_task: dict, excluded: set[str]) -> tuple[l
     return samples, sum(x["_id"] in out_of_bounds for v in by_task.values() for x in v)
 
 
+def load_given_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> list[K.Plan]:
+    """--plan files, each checked for this model; NAME=FILE runs a plan under another polykv* name
+    (e.g. polykv_ruler=plans/<model>/ruler/budget512/polykv.json beside the committed polykv)."""
+    plans = []
+    for spec in s.plans:
+        name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
+        plan = K.load_model_plan(Path(path), M.model_name(model_dir), cfg)
+        plan.name = name or plan.name
+        plans.append(plan)
+    return plans
+
+
 def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, set[str]]:
     """({(name, budget): plan} for the requested PolyKV methods, ids no method may be scored on).
     Plans come from --plan or the committed plans/; a missing one is an error naming the command
     that makes it: an evaluation never calibrates behind the user's back."""
-    given = {(p.name, int(p.average_budget)): p for p in (K.load_model_plan(f, M.model_name(model_dir), cfg) for f in s.plans)}
+    given = {(p.name, int(p.average_budget)): p for p in load_given_plans(s, model_dir, cfg)}
     committed = K.committed_plans(M.model_name(model_dir), cfg)
     every = {**committed, **given}
     excluded = {i for p in list(committed.values()) + list(given.values())
                 for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
-    wanted = [(m, b) for m in s.methods if m in K.PLAN_METHODS for b in s.budgets]
+    wanted = [(m, b) for m in s.methods if K.is_plan_method(m) for b in s.budgets]
     missing = [(m, b) for m, b in wanted if (m, b) not in every]
     if missing:
         have = sorted(f"{m}@{b}" for m, b in every)
@@ -129,7 +141,7 @@ def build_runs(s: RunSettings, plans: dict, n_layers: int) -> list[tuple]:
     runs = [("fullkv", None, None)]  # always: every other run is measured against it
     for b in s.budgets:
         for m in s.methods:
-            if m in K.PLAN_METHODS:
+            if K.is_plan_method(m):
                 runs.append((m, b, plans[m, b]))
             elif m != "fullkv":
                 plan = K.baseline_plan(m, n_layers, b, settings)
@@ -309,9 +321,11 @@ def parse_settings(argv=None) -> RunSettings:
         "downloaded there where there is a network, else RULER runs (generated, offline)."))
     p.add_argument("--budget", "--budgets", dest="budgets", type=int, nargs="+", default=None,
                    help="average budgets: tokens kept per KV head per layer (default 512; all from the same prefills)")
-    p.add_argument("--methods", nargs="+", choices=K.METHODS, metavar="METHOD",
-                   help=f"subset of: {', '.join(K.METHODS)} (default: all but {K.POLYKV_HEADS})")
-    p.add_argument("--plan", nargs="+", type=Path, default=(), help="PolyKV plan JSON files (default: the committed plans/)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"subset of: {', '.join(K.METHODS)}, and names given by --plan NAME=FILE (default: all but "
+                   f"{K.POLYKV_HEADS})")
+    p.add_argument("--plan", nargs="+", default=(), help="PolyKV plan JSON files, or NAME=FILE to run one under a "
+                   "polykv* name of its own (default: the committed plans/)")
     p.add_argument("--model", help="checkpoint folder or cached Hugging Face model id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--benchmark", choices=("longbench", "ruler"), help="default: LongBench if found (or downloaded), else RULER")
     p.add_argument("--data-dir", help="LongBench folder (default: $LONGBENCH_DIR, then data/LongBench)")
@@ -331,6 +345,11 @@ def parse_settings(argv=None) -> RunSettings:
     a = p.parse_args(argv)
     window = P.Settings().window
     bad = [b for b in a.budgets or [] if b < window]
+    named = [spec.split("=")[0] for spec in a.plan if "=" in spec]
+    unknown = [m for m in a.methods or [] if m not in K.METHODS + tuple(named)]
+    if unknown or not all(K.is_plan_method(n) for n in named):
+        p.error(f"argument --methods: invalid choice: {', '.join(map(repr, unknown or named))} (choose from "
+                f"{', '.join(K.METHODS)}, or polykv* names given by --plan NAME=FILE)")
     checks = [(bad, f"--budgets {bad[0] if bad else ''}: a budget must be at least the observation window ({window})"),
               (a.limit is not None and a.limit < 0, f"--limit must be >= 0 (0 = all), got {a.limit}"),
               (a.batch < 1, f"--batch must be at least 1, got {a.batch}"),
@@ -357,7 +376,7 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
         if data_dir is None and s.benchmark == "longbench":
             raise ValueError(f"no LongBench folder: {note}")
         s = replace(s, benchmark="longbench" if data_dir else "ruler", data_dir=data_dir)
-    given = [K.load_model_plan(f, M.model_name(model_dir), cfg) for f in s.plans]
+    given = load_given_plans(s, model_dir, cfg)
     methods = s.methods or tuple(dict.fromkeys([m for m in K.DEFAULT_METHODS if m not in K.PLAN_METHODS or not given]
                                                + [p.name for p in given]))
     budgets = s.budgets or tuple(sorted({int(p.average_budget) for p in given})) or (512,)

@@ -33,8 +33,8 @@ CANDIDATES = tuple(p for p in P.SCORERS if p != "random")  # routing candidates:
 BASELINES = tuple(P.SCORERS) + ("pyramidkv",)  # every single policy, and PyramidKV's schedule with SnapKV
 POLYKV = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations
 POLYKV_HEADS = "polykv_heads"  # a lever: one policy per KV head (calibrate.py --head-routing); run when asked
-PLAN_METHODS = POLYKV + (POLYKV_HEADS,)  # methods whose plan is read from a file
-METHODS = ("fullkv",) + BASELINES + PLAN_METHODS
+PLAN_METHODS = POLYKV + (POLYKV_HEADS,)  # methods whose plan is read from a file (any other "polykv*" name may be
+METHODS = ("fullkv",) + BASELINES + PLAN_METHODS  # given to one, e.g. polykv_ruler for a plan calibrated on RULER)
 DEFAULT_METHODS = ("fullkv",) + BASELINES + POLYKV
 
 # -----------------------------------------------------------------------------
@@ -168,6 +168,11 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
     return plan
 
 
+def is_plan_method(method: str) -> bool:
+    """PolyKV and its variants: every method whose per-layer plan comes from a calibration."""
+    return method.startswith("polykv")
+
+
 def load_model_plan(path: Path, model_name: str, cfg: M.Config) -> Plan:
     """A PolyKV plan for THIS model: its name, model, layers and KV heads are checked."""
     plan = load_plan(path, cfg.n_layers, cfg.n_kv_heads)
@@ -175,8 +180,8 @@ def load_model_plan(path: Path, model_name: str, cfg: M.Config) -> Plan:
         raise ValueError(f"{path}: the plan does not say which model it was calibrated for (no 'model' key)")
     if plan.model != model_name:
         raise ValueError(f"{path}: plan is for model {plan.model!r}, not {model_name!r}; calibrate this model")
-    if plan.name not in PLAN_METHODS:
-        raise ValueError(f"{path}: plan name {plan.name!r} is not one of {', '.join(PLAN_METHODS)}")
+    if not is_plan_method(plan.name):
+        raise ValueError(f"{path}: plan name {plan.name!r} does not start with 'polykv' (e.g. {', '.join(PLAN_METHODS)})")
     if plan.average_budget != int(plan.average_budget):
         raise ValueError(f"{path}: average budget {plan.average_budget} is not an integer")
     return plan

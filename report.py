@@ -242,8 +242,8 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
         base, base_f = scores[best["score"]][b]["average"], fid[best["prefix"]][b]["prefix_agreement"]
         base_t = fid[best["tf_agreement"]][b]["tf_agreement"] if best["tf_agreement"] else None
         base_k = fid[best["tf_kl"]][b]["tf_kl"] if best["tf_kl"] else None
-        for m in K.PLAN_METHODS:
-            if b in scores.get(m, {}):
+        for m in [m for m in scores if K.is_plan_method(m)]:
+            if b in scores[m]:
                 p, pf, pt, pk = (scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"],
                                  fid[m][b]["tf_kl"])
                 out.setdefault(b, {})[m] = {
@@ -291,7 +291,7 @@ def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) ->
         best, best_kl = found["score"], found["tf_kl"]
         out[b] = {"best_baseline": best, "best_baseline_tf_kl": best_kl,
                   "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
-        for m in K.PLAN_METHODS:
+        for m in [m for m in scores if K.is_plan_method(m)]:
             if (m, b) in per_sample:
                 out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
                              "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"]),
@@ -326,7 +326,7 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
     cell = lambda m, k: (f"{scores[m][k]['average']:.2f} / {fid[m][k]['prefix_agreement']:.2f} / "  # noqa: E731
                          f"{fmt(fid[m][k]['tf_agreement'])}" if k in scores[m] else "–")
     rows = [[m] + [cell(m, "full" if m == "fullkv" else str(b)) for b in budgets] for m in scores]
-    for name in K.PLAN_METHODS:
+    for name in [m for m in scores if K.is_plan_method(m)]:
         found = [gaps.get(str(b), {}).get(name) for b in budgets]
         if any(found):
             rows.append([f"{name} gap recovery: score / prefix / tf agree / tf KL"] + [
@@ -337,11 +337,11 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
     rows = [["best baseline"] + [at(b).get("best_baseline", "–") for b in budgets],
             ["fullkv"] + [interval(at(b)["fullkv_minus_best"]) if at(b) else "–" for b in budgets]]
     rows += [[n] + [interval(at(b)[n]["minus_best"]) if n in at(b) else "–" for b in budgets]
-             for n in K.PLAN_METHODS if any(n in at(b) for b in budgets)]
+             for n in scores if K.is_plan_method(n) and any(n in at(b) for b in budgets)]
     lines += [f"\n### Summary: average score minus the best baseline's (points), 95% paired bootstrap interval "
               f"over samples ({BOOTSTRAP_RESAMPLES} resamples within tasks)\n"] + table("method", budgets, rows)
     rows = [["lowest-KL baseline"] + [str(at(b).get("best_baseline_tf_kl", "–")) for b in budgets]]
-    for n in K.PLAN_METHODS:
+    for n in [m for m in scores if K.is_plan_method(m)]:
         cells = [at(b).get(n, {}).get("tf_kl_minus_best") for b in budgets]
         if any(cells):
             rows.append([n] + ["–" if d is None else interval(d, 4) for d in cells])

@@ -200,3 +200,20 @@ def test_a_model_id_resolves_from_the_local_hugging_face_cache(ckpt, tmp_path, m
         M.resolve_model_dir("someone/absent")
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         M.resolve_model_dir(tmp_path / "nowhere" / "at" / "all")
+
+
+def test_a_plan_runs_under_a_name_of_its_own_beside_another(ckpt, data, tmp_path, capsys):
+    """NAME=FILE: e.g. a plan calibrated on RULER, evaluated as polykv_ruler beside the committed polykv."""
+    first = save_plans(tmp_path / "a", ckpt.name)[0]
+    other = K.Plan(["tova"] * N_LAYERS, [64, 32, 48], name="polykv", model=ckpt.name)
+    K.save_plan(other, tmp_path / "other.json")
+    out = tmp_path / "run"
+    assert E.main(args(ckpt, data, out, "--plan", first, f"polykv_other={tmp_path / 'other.json'}", "--methods",
+                       "snapkv", "polykv", "polykv_other")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["gap_recovery"]["48"]) == {"polykv", "polykv_other"}
+    plans = {r["method"]: r["plan"] for r in records_in(out) if r["budget"]}
+    assert plans["polykv_other"] == report.plan_fingerprint(other) != plans["polykv"]
+    with pytest.raises(SystemExit):  # a name must say it is a PolyKV variant
+        E.parse_settings(["--plan", f"mine={first}", "--methods", "mine"])
+    assert "polykv* names given by --plan NAME=FILE" in capsys.readouterr().err

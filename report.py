@@ -379,6 +379,10 @@ def markdown(metrics: dict) -> str:
              f"tf agree / tf KL: fed FullKV's output (first {TF_TOKENS} tokens), share of next tokens predicted as "
              "FullKV does / mean KL(FullKV || method)."]
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
+    if not budgets:  # FullKV alone (e.g. checking which tasks a model can do at all)
+        full = metrics["scores"]["fullkv"]["full"]
+        lines += ["\n### FullKV\n"] + table("method", metrics["tasks"] + ["avg"], [
+            ["fullkv"] + [f"{full['tasks'][t]:.1f}" for t in metrics["tasks"]] + [f"**{full['average']:.2f}**"]])
     if len(budgets) > 1:
         lines += summary_tables(metrics, budgets)
     for b in budgets:

@@ -97,8 +97,9 @@ NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here w
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
 ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
-# VARIANT, not standard RULER: the essay tasks on the noise haystack (no data needed)
-NOISE_VARIANTS = {f"{t}_noise": {**TASKS[t], "type_haystack": "noise"} for t in ESSAY_TASKS}
+# VARIANT, not standard RULER: the essay tasks on the noise haystack (no data needed); niah_single_2 is left
+# out, since on the noise haystack it is niah_single_1
+NOISE_VARIANTS = {f"{t}_noise": {**TASKS[t], "type_haystack": "noise"} for t in ESSAY_TASKS if t != "niah_single_2"}
 ALL_TASKS = OFFLINE_TASKS + tuple(NOISE_VARIANTS)  # plus ESSAY_TASKS when a prose file is given
 DEFAULT_TASKS = OFFLINE_TASKS  # what an evaluation or a RULER calibration runs unless told otherwise
 CALIBRATION_SEED = 1000  # calibration generates from seeds 1000+; evaluation's default seed is 0

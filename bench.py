@@ -2,22 +2,26 @@
 Speed and memory figures, in one run: model.py against transformers, and what
 PolyKV compression buys at decode time and costs at prefill time.
 
-    python bench.py                 # default model (SmolLM2-135M-Instruct), ~10 min on 2 CPU cores
+    python bench.py                 # default model (SmolLM2-135M-Instruct), ~12 min on one CPU core
     python bench.py --quick         # small sizes: a smoke run
     python bench.py --model DIR --device cuda --dtype bfloat16
 
-1. model.py vs transformers (sdpa, its DynamicCache), same checkpoint: prefill
-   tokens/s at 1k and 4k prompt tokens, decode tokens/s at a 4k context, as
-   ratios ours / transformers (>= 1.0: ours is at least as fast). Both prefills
-   compute the last position's logits only (transformers: logits_to_keep=1).
-2. Compression: decode ms/token from an 8k context with FullKV and with a
-   uniform SnapKV plan at a 512 average budget, next to a plain 512-token
-   prompt; KV bytes of the compressed cache over FullKV's next to the token
-   ratio; and the prefill-time cost of compression: gathering the statistics
-   during prefill (window queries; H2O column sums in every layer) and
-   apply_plan, each as a share of a plain prefill; and the evaluation's batching: one
-   budget's 7 baselines decoded one by one vs stacked into one batch (model.stack_caches).
-3. Calibration: the objective on the candidate plans a search sweep makes, re-running
+1. prefill: model.py vs transformers (sdpa), same checkpoint, at 1k and 4k prompt
+   tokens: tokens/s and the ratio ours / transformers (>= 1.0: ours is at least as
+   fast). Both compute the last position's logits only (transformers: logits_to_keep=1).
+2. decode at a 4k context: ms/token, ours vs transformers (its DynamicCache).
+3. compressed decode: ms/token from an 8k context compressed to a 512 average budget
+   (uniform SnapKV), from the same context with FullKV, and from a plain 512-token
+   prompt; and what compression costs at prefill time: gathering the statistics
+   (window queries; H2O column sums in every layer) and apply_plan, as shares of a
+   plain prefill.
+4. batched decoding: one budget's baseline runs decoded one by one vs stacked into
+   one batch (model.stack_caches + generate_batch), as the evaluation does.
+5. memory: KV bytes of every baseline at budget 512 on the 8k prompt next to FullKV's
+   (and next to the token ratio); the peak memory growth of one prefill at 2k/4k/8k
+   tokens, each in a fresh process (it should grow ~linearly in T, not as T^2); the
+   peak RSS of a small evaluation run (longbench_eval.py on one RULER sample).
+6. calibration: the objective on the candidate plans a search sweep makes, re-running
    every layer vs starting at the first changed layer (calibrate.plan_sample_kl).
 
 The machine may be shared and noisy: every comparison interleaves its variants
@@ -28,7 +32,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +47,8 @@ import torch
 import model as M
 import policies as P
 import polykv as K
+
+PROJECT = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
 # Timing helpers
@@ -67,6 +78,11 @@ def random_prompt(n: int, vocab_size: int, device: str, seed: int = 0) -> torch.
     return torch.randint(low, vocab_size, (1, n), generator=gen).to(device)
 
 
+def short(n: int) -> str:
+    """4096 -> "4k": the sizes' names in the summary line."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 # -----------------------------------------------------------------------------
 # model.py: a timed prefill and a timed run of decode steps
 
@@ -84,7 +100,7 @@ def ours_decode(model: M.Transformer, cache: M.KVCache, steps: int) -> float:
     """Seconds per greedy decode step on a copy of `cache` (left untouched)."""
     cache = cache.clone()  # room for 64 new tokens: no reallocation while timing
     device = str(cache.k[0].device)
-    token = torch.ones(1, 1, dtype=torch.long, device=device)
+    token = torch.ones(cache.k[0].shape[0], 1, dtype=torch.long, device=device)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -138,19 +154,19 @@ def hf_decode(hf, past, steps: int) -> float:
 
 
 # -----------------------------------------------------------------------------
-# The two sections
+# 1-2. model.py vs transformers
 
 
-def bench_vs_transformers(model: M.Transformer, hf, sizes: dict, repeats: int, device: str) -> dict[str, float]:
-    """Prefill tok/s at two prompt lengths and decode tok/s at one context, ours vs transformers."""
-    vocab, res = model.cfg.vocab_size, {}
-    for name in ("prefill_short", "prefill_long"):
+def bench_prefill(model: M.Transformer, hf, sizes: dict, repeats: int, device: str) -> dict[str, float]:
+    """Prefill tokens/s at two prompt lengths, ours vs transformers (the long one with at most 3 repetitions)."""
+    res = {}
+    for name, reps in (("prefill_short", repeats), ("prefill_long", min(repeats, 3))):
         n = sizes[name]
-        ids = random_prompt(n, vocab, device)
+        ids = random_prompt(n, model.cfg.vocab_size, device)
         variants = {"ours": lambda: ours_prefill(model, ids)}
         if hf is not None:
             variants["hf"] = lambda: hf_prefill(hf, ids)[0]
-        med = interleaved(variants, repeats)
+        med = interleaved(variants, reps)
         res[f"{name}_ours_tok_s"] = n / med["ours"]
         line = f"prefill {n:>5} tokens: ours {n / med['ours']:8.0f} tok/s"
         if hf is not None:
@@ -158,30 +174,40 @@ def bench_vs_transformers(model: M.Transformer, hf, sizes: dict, repeats: int, d
             res[f"{name}_ratio"] = med["hf"] / med["ours"]
             line += f" | transformers {n / med['hf']:8.0f} tok/s | ratio {res[f'{name}_ratio']:.2f}"
         print(line, flush=True)
+    return res
 
-    n, steps = sizes["decode_ctx"], sizes["steps"]
-    ids = random_prompt(n, vocab, device, seed=1)
+
+def bench_decode(model: M.Transformer, hf, sizes: dict, repeats: int, device: str) -> dict[str, float]:
+    """Decode ms/token at one context length, ours vs transformers."""
+    n, steps, res = sizes["decode_ctx"], sizes["steps"], {}
+    ids = random_prompt(n, model.cfg.vocab_size, device, seed=1)
     _, cache = M.prefill(model, ids)
     variants = {"ours": lambda: ours_decode(model, cache, steps)}
     if hf is not None:
         _, past = hf_prefill(hf, ids)
         variants["hf"] = lambda: hf_decode(hf, past, steps)
     med = interleaved(variants, repeats)
-    res["decode_ours_tok_s"] = 1 / med["ours"]
-    line = f"decode at {n:>5} context: ours {1 / med['ours']:6.1f} tok/s ({1e3 * med['ours']:.1f} ms)"
+    res["decode_ours_ms"] = 1e3 * med["ours"]
+    line = f"decode at a {n}-token context: ours {1e3 * med['ours']:.1f} ms/token ({1 / med['ours']:.1f} tok/s)"
     if hf is not None:
-        res["decode_hf_tok_s"] = 1 / med["hf"]
+        res["decode_hf_ms"] = 1e3 * med["hf"]
         res["decode_ratio"] = med["hf"] / med["ours"]
-        line += f" | transformers {1 / med['hf']:6.1f} tok/s ({1e3 * med['hf']:.1f} ms) | ratio {res['decode_ratio']:.2f}"
+        line += f" | transformers {1e3 * med['hf']:.1f} ms/token | ratio {res['decode_ratio']:.2f}"
     print(line, flush=True)
     return res
 
 
-def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: str) -> dict[str, float]:
-    """Decode from a compressed long context vs FullKV and vs a plain short prompt; KV bytes;
-    the prefill-time cost of the statistics and of apply_plan."""
+# -----------------------------------------------------------------------------
+# 3-4. Compression: decode from a compressed long context, its prefill-time cost, batching
+
+
+def bench_compression(model: M.Transformer, sizes: dict, repeats: int,
+                      device: str) -> tuple[dict[str, float], M.KVCache, list[P.LayerStats]]:
+    """Decode from a compressed long context vs FullKV and vs a plain short prompt; the prefill-time
+    cost of the statistics and of apply_plan. Also returns the long prompt's full cache and its
+    statistics (window queries, H2O sums in every layer) for the sections that follow."""
     cfg, res = model.cfg, {}
-    T, budget, short, steps = sizes["long_ctx"], sizes["budget"], sizes["short_ctx"], sizes["steps"]
+    T, budget, n_short, steps = sizes["long_ctx"], sizes["budget"], sizes["short_ctx"], sizes["steps"]
     window = P.Settings().window
     ids = random_prompt(T, cfg.vocab_size, device, seed=2)
     snap, h2o = K.uniform_plan(cfg.n_layers, "snapkv", budget), K.uniform_plan(cfg.n_layers, "h2o", budget)
@@ -196,9 +222,9 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
         sync(device)
         return time.perf_counter() - t0
 
-    prefill_reps = max(1, min(repeats, 3))  # a long prefill takes a while: fewer repetitions
+    # a long prefill takes a minute on one core: one repetition, warm from sections 1-2, the full one last
     med = interleaved({"plain": lambda: ours_prefill(model, ids), "window": lambda: with_stats(()),
-                       "h2o": lambda: with_stats(None)}, prefill_reps, warmup=False)  # warm from section 1
+                       "h2o": lambda: with_stats(None)}, sizes["long_prefill_repeats"], warmup=False)
     cache, stats = kept["cache"], kept["stats"]  # last prefill: window queries + H2O sums everywhere
 
     def timed_apply(plan: K.Plan) -> float:
@@ -217,21 +243,14 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
     res["apply_h2o_share"] = apply["h2o"] / plain
     print(f"prefill {T} tokens: plain {plain:.2f} s | + window queries {med['window']:.2f} s "
           f"({100 * res['stats_window_share']:+.1f}%) | + window queries and H2O sums in all layers "
-          f"{med['h2o']:.2f} s ({100 * res['stats_overhead_share']:+.1f}%)")
+          f"{med['h2o']:.2f} s ({100 * res['stats_overhead_share']:+.1f}%) [{sizes['long_prefill_repeats']} run(s) each]")
     print(f"apply_plan at budget {budget}: snapkv {1e3 * apply['snapkv']:.0f} ms "
           f"({100 * res['apply_snapkv_share']:.1f}% of prefill) | h2o {1e3 * apply['h2o']:.0f} ms "
           f"({100 * res['apply_h2o_share']:.1f}% of prefill)", flush=True)
 
-    # --- memory: exact bytes of the tensors, next to the token count ratio
-    compressed = kept[snap.name]
-    res["kv_bytes_ratio"] = compressed.nbytes() / cache.nbytes()
-    res["token_ratio"] = sum(min(b, T) for b in snap.budgets) / (cfg.n_layers * T)
-    print(f"KV cache: full {cache.nbytes() / 2**20:.1f} MiB | snapkv@{budget} "
-          f"{compressed.nbytes() / 2**20:.2f} MiB | bytes ratio {res['kv_bytes_ratio']:.4f} "
-          f"| token ratio {res['token_ratio']:.4f}")
-
     # --- decode: FullKV at T, compressed T, plain short prompt
-    _, short_cache = M.prefill(model, random_prompt(short, cfg.vocab_size, device, seed=3))
+    compressed = kept[snap.name]
+    _, short_cache = M.prefill(model, random_prompt(n_short, cfg.vocab_size, device, seed=3))
     med = interleaved({"full": lambda: ours_decode(model, cache, steps),
                        "compressed": lambda: ours_decode(model, compressed, steps),
                        "plain": lambda: ours_decode(model, short_cache, steps)}, repeats)
@@ -239,14 +258,25 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
                decode_plain_ms=1e3 * med["plain"], compressed_over_plain=med["compressed"] / med["plain"],
                speedup_vs_full=med["full"] / med["compressed"])
     print(f"decode ms/token: FullKV at {T} {res['decode_full_ms']:.1f} | snapkv@{budget} from {T} "
-          f"{res['decode_compressed_ms']:.1f} | plain {short}-token prompt {res['decode_plain_ms']:.1f}")
+          f"{res['decode_compressed_ms']:.1f} | plain {n_short}-token prompt {res['decode_plain_ms']:.1f}")
     print(f"  compressed / plain = {res['compressed_over_plain']:.3f} (target <= 1.1) | "
           f"speed-up over FullKV = {res['speedup_vs_full']:.2f}x", flush=True)
+    return res, cache, stats
 
-    # --- the evaluation's batching: the 7 compressed baselines of one budget, one by one vs stacked
-    plans = [K.uniform_plan(cfg.n_layers, p, budget) for p in ("streamingllm", "h2o", "snapkv", "tova", "knorm", "random")]
-    caches = [K.apply_plan(cache, stats, p, room=steps + 1) for p in plans + [K.pyramid_plan(cfg.n_layers, budget)]]
-    last = torch.zeros(len(caches), cfg.vocab_size, device=device)
+
+def baseline_caches(cache: M.KVCache, stats: list[P.LayerStats], n_layers: int, budget: int,
+                    room: int = 64) -> dict[str, M.KVCache]:
+    """Every baseline method's compressed cache at one budget (K.BASELINES), from one prefill."""
+    settings = P.Settings()
+    return {m: K.apply_plan(cache, stats, K.baseline_plan(m, n_layers, budget, settings), room) for m in K.BASELINES}
+
+
+def bench_batching(model: M.Transformer, cache: M.KVCache, stats: list[P.LayerStats], sizes: dict,
+                   repeats: int, device: str) -> dict[str, float]:
+    """The evaluation's batching: one budget's baseline runs decoded one by one vs stacked into one batch."""
+    steps, budget = sizes["steps"], sizes["budget"]
+    caches = list(baseline_caches(cache, stats, model.cfg.n_layers, budget, room=steps + 1).values())
+    last = torch.zeros(len(caches), model.cfg.vocab_size, device=device)
 
     def one_by_one() -> float:
         t0 = time.perf_counter()
@@ -261,11 +291,123 @@ def bench_compression(model: M.Transformer, sizes: dict, repeats: int, device: s
         sync(device)
         return time.perf_counter() - t0
 
-    med = interleaved({"one": one_by_one, "stacked": stacked}, max(1, min(repeats, 3)))
-    res["batched_decode_speedup"] = med["one"] / med["stacked"]
+    med = interleaved({"one": one_by_one, "stacked": stacked}, min(repeats, 3))
+    res = {"batched_decode_speedup": med["one"] / med["stacked"]}
     print(f"decoding the {len(caches)} baselines at {budget} ({steps} tokens each): one by one {med['one']:.2f} s | "
           f"stacked into one batch {med['stacked']:.2f} s -> {res['batched_decode_speedup']:.2f}x", flush=True)
     return res
+
+
+# -----------------------------------------------------------------------------
+# 5. Memory: KV bytes per method, a prefill's peak growth, an evaluation run's peak RSS
+
+
+def bench_kv_bytes(model: M.Transformer, cache: M.KVCache, stats: list[P.LayerStats], sizes: dict) -> dict[str, float]:
+    """Exact bytes of each baseline's compressed cache next to FullKV's, and next to the token ratio
+    and polykv.plan_kv_bytes (what the plan says it keeps)."""
+    cfg, T, budget = model.cfg, sizes["long_ctx"], sizes["budget"]
+    full = cache.nbytes()
+    print(f"KV cache of a {T}-token prompt: FullKV {full / 2**20:.1f} MiB; at budget {budget}:")
+    res = {"kv_bytes_fullkv": full}
+    for method, compressed in baseline_caches(cache, stats, cfg.n_layers, budget).items():
+        plan = K.baseline_plan(method, cfg.n_layers, budget, P.Settings())
+        res[f"kv_bytes_{method}"] = compressed.nbytes()
+        res[f"kv_bytes_ratio_{method}"] = compressed.nbytes() / full
+        res[f"token_ratio_{method}"] = sum(min(b, T) for b in plan.budgets) / (cfg.n_layers * T)
+        res[f"kv_planned_bytes_{method}"] = K.plan_kv_bytes(plan, T, cfg, cache.k[0].element_size())
+        print(f"  {method:<13} {compressed.nbytes() / 2**20:7.2f} MiB | bytes ratio {res[f'kv_bytes_ratio_{method}']:.4f} "
+              f"| token ratio {res[f'token_ratio_{method}']:.4f} | plan_kv_bytes "
+              f"{res[f'kv_planned_bytes_{method}'] / 2**20:.2f} MiB")
+    res["kv_bytes_ratio"], res["token_ratio"] = res["kv_bytes_ratio_snapkv"], res["token_ratio_snapkv"]
+    return res
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak resident), or None off Linux."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its current size (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def prefill_peak(model_dir: Path, n: int, device: str, dtype: torch.dtype) -> dict:
+    """In THIS process (bench.py runs it in a fresh one per length): the peak growth of resident
+    memory during one prefill of n tokens, after a short warm-up prefill, and the cache's KV bytes."""
+    model = M.load_model(model_dir, device, dtype)
+    ids = random_prompt(n, model.cfg.vocab_size, device, seed=5)
+    M.prefill(model, ids[:, :64])  # warm-up: kernels, thread pools, allocator
+    exact = reset_peak_rss()  # else VmHWM still holds loading's peak, and only growth above it shows
+    before = proc_status_kib("VmRSS")
+    _, cache = M.prefill(model, ids)
+    peak = proc_status_kib("VmHWM")
+    return {"tokens": n, "growth_mib": (peak - before) / 1024, "kv_mib": cache.nbytes() / 2**20, "exact": exact}
+
+
+# A bare Python between bench.py and the command: on Linux a child's ru_maxrss starts from its
+# parent's resident size at the fork, so only a small parent leaves the command's own peak visible.
+PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w')"
+                 ".write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(code)")
+
+
+def run_child(cmd: list[str]) -> tuple[int, float, str]:
+    """Run a command; -> (exit code, its peak RSS in MiB, its output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        maxrss = Path(tmp) / "maxrss"
+        proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, str(maxrss), *cmd], cwd=PROJECT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc.returncode, int(maxrss.read_text()) / 1024, proc.stdout  # ru_maxrss: KiB on Linux
+
+
+def bench_peak_memory(model_dir: Path, sizes: dict, device: str, dtype: str) -> dict[str, float]:
+    """Peak memory growth of one prefill at several lengths (a fresh process each), and the peak RSS
+    of a small evaluation run."""
+    res, growth = {}, {}
+    for n in sizes["peak_lengths"]:
+        code, _, out = run_child([sys.executable, str(PROJECT / "bench.py"), "--prefill-peak", str(n), "--model",
+                                  str(model_dir), "--device", device, "--dtype", dtype])
+        if code != 0:
+            print(f"prefill peak at {n} tokens: failed (exit {code}):\n{out[-2000:]}")
+            continue
+        r = json.loads(out.strip().splitlines()[-1])
+        growth[n] = r["growth_mib"]
+        res[f"prefill_peak_mib_{short(n)}"] = r["growth_mib"]
+        print(f"prefill {n:>5} tokens: peak memory growth {r['growth_mib']:7.1f} MiB ({1024 * r['growth_mib'] / n:.1f} "
+              f"MiB per 1k tokens; its KV cache {r['kv_mib']:.1f} MiB)" + ("" if r["exact"] else
+              " [peak not resettable here: growth above the loading peak only]"), flush=True)
+    if len(growth) >= 2 and min(growth.values()) > 0:
+        (a, ga), (b, gb) = sorted(growth.items())[-2:]
+        res["prefill_peak_growth_ratio"] = gb / ga
+        print(f"  {short(b)} / {short(a)} tokens: growth x{gb / ga:.2f} (linear: x{b / a:.0f}, quadratic: x{(b / a) ** 2:.0f})")
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [sys.executable, str(PROJECT / "longbench_eval.py"), "--benchmark", "ruler", "--tasks", "niah_single_1",
+               "--limit", "1", "--max-length", str(sizes["eval_length"]), "--budget", str(sizes["budget"]),
+               "--methods", "snapkv", "h2o", "--out", out_dir, "--model", str(model_dir), "--device", device,
+               "--dtype", dtype]
+        t0 = time.perf_counter()
+        code, rss, out = run_child(cmd)
+        seconds = time.perf_counter() - t0
+    shown = " ".join(cmd[1:]).replace(out_dir, "<tmpdir>").replace(str(PROJECT) + "/", "")
+    if code != 0:
+        print(f"evaluation run failed (exit {code}): python {shown}\n{out[-2000:]}")
+        return res
+    res["eval_peak_rss_mib"] = rss
+    print(f"evaluation run (python {shown}): peak RSS {rss:.0f} MiB, {seconds:.0f} s", flush=True)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# 6. Calibration: reusing the layers below the first one a candidate plan changes
 
 
 def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: str) -> dict[str, float]:
@@ -302,7 +444,7 @@ def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: s
             C.plan_sample_kl(model, ref, plan)
         return time.perf_counter() - t0
 
-    med = interleaved({"plain": plain, "reuse": reuse}, max(1, min(repeats, 3)))
+    med = interleaved({"plain": plain, "reuse": reuse}, min(repeats, 3))
     res = {"calibration_speedup": med["plain"] / med["reuse"]}
     print(f"{len(candidates)} candidate plans on a {sizes['calib_ctx']}-token reference: every layer re-run "
           f"{med['plain']:.2f} s | from the first changed layer {med['reuse']:.2f} s -> {res['calibration_speedup']:.2f}x")
@@ -313,31 +455,29 @@ def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: s
 # Command line
 
 FULL = dict(prefill_short=1024, prefill_long=4096, decode_ctx=4096, long_ctx=8192, budget=512, short_ctx=512, steps=32,
-            calib_ctx=2048)
+            calib_ctx=2048, long_prefill_repeats=1, peak_lengths=(2048, 4096, 8192), eval_length=2048)
 QUICK = dict(prefill_short=128, prefill_long=256, decode_ctx=256, long_ctx=512, budget=64, short_ctx=64, steps=4,
-             calib_ctx=256)
+             calib_ctx=256, long_prefill_repeats=1, peak_lengths=(128, 256, 512), eval_length=512)
 
 
-def summary_line(r1: dict, r2: dict, r3: dict, sizes: dict) -> str:
-    k = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
-    pairs = {}
-    for key, name in (("prefill_short_ratio", f"prefill{k(sizes['prefill_short'])}_ratio"),
-                      ("prefill_long_ratio", f"prefill{k(sizes['prefill_long'])}_ratio"),
-                      ("decode_ratio", f"decode{k(sizes['decode_ctx'])}_ratio")):
-        if key in r1:
-            pairs[name] = f"{r1[key]:.2f}"
-    pairs[f"decode{k(sizes['decode_ctx'])}_ours_tok_s"] = f"{r1['decode_ours_tok_s']:.1f}"
-    L, S = k(sizes["long_ctx"]), k(sizes["short_ctx"])
-    pairs[f"decode{L}_compressed_over_plain{S}"] = f"{r2['compressed_over_plain']:.3f}"
-    pairs[f"speedup_vs_full{L}"] = f"{r2['speedup_vs_full']:.2f}"
-    pairs["kv_bytes_ratio"] = f"{r2['kv_bytes_ratio']:.4f}"
-    pairs["token_ratio"] = f"{r2['token_ratio']:.4f}"
-    pairs["stats_overhead_share"] = f"{r2['stats_overhead_share']:.3f}"
-    pairs["stats_window_share"] = f"{r2['stats_window_share']:.3f}"
-    pairs["apply_plan_share"] = f"{r2['apply_snapkv_share']:.4f}"
-    pairs["batched_decode_speedup"] = f"{r2['batched_decode_speedup']:.2f}"
-    pairs["calibration_speedup"] = f"{r3['calibration_speedup']:.2f}"
-    return " ".join(f"{n}={v}" for n, v in pairs.items())
+def summary_line(res: dict, sizes: dict) -> str:
+    """One `name=value` line of the headline figures, sizes in the names (prefill1k_ratio, ...); a figure
+    a run did not measure (no transformers, a failed child process) is left out."""
+    L, S, D = short(sizes["long_ctx"]), short(sizes["short_ctx"]), short(sizes["decode_ctx"])
+    names = {  # key in res: (name in the line, format)
+        "prefill_short_ratio": (f"prefill{short(sizes['prefill_short'])}_ratio", ".2f"),
+        "prefill_long_ratio": (f"prefill{short(sizes['prefill_long'])}_ratio", ".2f"),
+        "decode_ratio": (f"decode{D}_ratio", ".2f"), "decode_ours_ms": (f"decode{D}_ours_ms", ".1f"),
+        "decode_hf_ms": (f"decode{D}_hf_ms", ".1f"),
+        "compressed_over_plain": (f"decode{L}_compressed_over_plain{S}", ".3f"),
+        "speedup_vs_full": (f"speedup_vs_full{L}", ".2f"), "batched_decode_speedup": ("batched_decode_speedup", ".2f"),
+        "kv_bytes_ratio": ("kv_bytes_ratio", ".4f"), "token_ratio": ("token_ratio", ".4f"),
+        "stats_overhead_share": ("stats_overhead_share", ".3f"), "stats_window_share": ("stats_window_share", ".3f"),
+        "apply_snapkv_share": ("apply_plan_share", ".4f"),
+        **{f"prefill_peak_mib_{short(n)}": (f"prefill_peak_mib_{short(n)}", ".0f") for n in sizes["peak_lengths"]},
+        "prefill_peak_growth_ratio": ("prefill_peak_growth_ratio", ".2f"),
+        "eval_peak_rss_mib": ("eval_peak_rss_mib", ".0f"), "calibration_speedup": ("calibration_speedup", ".2f")}
+    return " ".join(f"{name}={res[key]:{fmt}}" for key, (name, fmt) in names.items() if key in res)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -345,36 +485,54 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (medians; long prefills use at most 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (medians; long prefills use fewer)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--prefill-peak", type=int, metavar="T", help="only measure one T-token prefill's peak memory "
+                   "growth in this process and print it as JSON (what section 5 runs in a fresh process)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     dtype = getattr(torch, args.dtype)
-    if args.model is None:
-        from convert_gguf import ensure_model  # the embedded default, converted on first use
-        args.model = ensure_model("smollm2")
+    model_dir = args.model or M.default_model_dir()
+    if args.prefill_peak:
+        with torch.no_grad():
+            line = json.dumps(prefill_peak(model_dir, args.prefill_peak, args.device, dtype))
+        print(line)
+        return line
 
-    model = M.load_model(args.model, args.device, dtype)
+    t_start = time.perf_counter()
+    model = M.load_model(model_dir, args.device, dtype)
     hf = None
     if not args.no_transformers:
-        hf = load_hf(args.model, args.device, dtype)
+        hf = load_hf(model_dir, args.device, dtype)
         if hf is None:
             print("transformers is not installed: skipping the comparison (pip install -r requirements-test.txt)")
-    print(f"model {args.model} | {args.device} {args.dtype} | torch {torch.__version__}, "
+    print(f"model {model_dir} | {args.device} {args.dtype} | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | medians of {args.repeats} interleaved repetitions", flush=True)
 
+    res = {}
     with torch.no_grad():
-        print("\n== model.py vs transformers (sdpa), same checkpoint; ratio = ours / transformers throughput")
-        r1 = bench_vs_transformers(model, hf, sizes, args.repeats, args.device)
+        print("\n== 1. prefill: model.py vs transformers (sdpa), same checkpoint; ratio = ours / transformers throughput")
+        res.update(bench_prefill(model, hf, sizes, args.repeats, args.device))
+        print("\n== 2. decode: model.py vs transformers; ratio = transformers ms / ours")
+        res.update(bench_decode(model, hf, sizes, args.repeats, args.device))
         del hf
-        print(f"\n== PolyKV compression: {sizes['long_ctx']}-token context, uniform snapkv plan at "
-              f"average budget {sizes['budget']}")
-        r2 = bench_compression(model, sizes, args.repeats, args.device)
-        print("\n== calibration objective: candidate plans, re-running every layer vs from the first changed one")
-        r3 = bench_calibration(model, sizes, args.repeats, args.device)
-    line = summary_line(r1, r2, r3, sizes)
-    print("\n" + line)
+        print(f"\n== 3. compressed decode: {sizes['long_ctx']}-token context, uniform snapkv at average budget "
+              f"{sizes['budget']}")
+        r3, cache, stats = bench_compression(model, sizes, args.repeats, args.device)
+        res.update(r3)
+        print(f"\n== 4. batched decoding: the {len(K.BASELINES)} baselines at budget {sizes['budget']}, "
+              f"from the {sizes['long_ctx']}-token prompt")
+        res.update(bench_batching(model, cache, stats, sizes, args.repeats, args.device))
+        print("\n== 5. memory")
+        res.update(bench_kv_bytes(model, cache, stats, sizes))
+        del cache, stats
+        res.update(bench_peak_memory(model_dir, sizes, args.device, args.dtype))
+        print("\n== 6. calibration objective: candidate plans, re-running every layer vs from the first changed one")
+        res.update(bench_calibration(model, sizes, args.repeats, args.device))
+    print(f"\nbench.py took {time.perf_counter() - t_start:.0f} s")
+    line = summary_line(res, sizes)
+    print(line)
     return line
 
 

@@ -8,6 +8,8 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 
+rope_cos_sin = M.rope_cos_sin  # the original, for tests that count its calls
+
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -113,7 +115,8 @@ def test_positions_continue_from_prompt_length_after_eviction(tmp_path):
     # the new key is the plain projected key rotated by its true position, 30
     layer0 = ours.layers[0].self_attn
     x = ours.layers[0].input_layernorm(ours.embed_tokens(nxt))
-    plain = layer0.k_proj(x).view(1, 1, 2, -1).transpose(1, 2)
+    _, k, _ = layer0.qkv_proj(x).split(list(layer0.qkv_proj.parts.values()), dim=-1)  # the fused q, k, v
+    plain = k.view(1, 1, 2, -1).transpose(1, 2)
     cos, sin = M.rope_cos_sin(ours.inv_freq, torch.tensor([30]))
     assert torch.allclose(cache.keys(0)[:, :, -1:], M.apply_rope(plain, cos, sin), atol=1e-6)
 
@@ -158,6 +161,62 @@ def test_stacked_caches_decode_like_each_alone(tmp_path):
     first = together[1][2]
     assert M.generate_batch(ours, M.stack_caches(caches), logits.expand(4, -1), 20, stop_ids=[first])[1] == \
         M.generate(ours, caches[1].clone(), logits, 20, stop_ids=[first])
+
+
+def test_fused_projections_load_and_save_under_the_checkpoint_names(tmp_path):
+    """q/k/v and gate/up are concatenated once at load time; state_dict() splits them back, so a saved
+    state_dict is a checkpoint (load_model reads it) and load_state_dict takes one back."""
+    tiny_hf("qwen2", tmp_path / "hf")  # q/k/v biases are fused too
+    ours = M.load_model(tmp_path / "hf")
+    ckpt = load_file(tmp_path / "hf" / "model.safetensors")
+    attn = ours.layers[1].self_attn
+    parts = ["model.layers.1.self_attn." + p for p in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([ckpt[p + ".weight"] for p in parts]))
+    assert torch.equal(attn.qkv_proj.bias, torch.cat([ckpt[p + ".bias"] for p in parts]))
+    gate_up = torch.cat([ckpt[f"model.layers.1.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")])
+    assert torch.equal(ours.layers[1].mlp.gate_up_proj.weight, gate_up)
+    assert ours.lm_head.weight is ours.embed_tokens.weight  # tied embeddings stay tied
+
+    state = ours.state_dict()
+    assert not [k for k in state if "qkv_proj" in k or "gate_up_proj" in k]
+    assert {f"model.{k}" for k in state} == set(ckpt) | {"model.lm_head.weight"}
+    for key, tensor in ckpt.items():
+        assert torch.equal(state[key.removeprefix("model.")], tensor), key
+    (tmp_path / "ours").mkdir()
+    save_file({f"model.{k}": v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
+              tmp_path / "ours" / "model.safetensors")  # no shared storage between the split parts
+    (tmp_path / "ours" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    again, fresh = M.load_model(tmp_path / "ours"), M.Transformer(ours.cfg).eval()
+    fresh.load_state_dict(state)  # strict: the hook joins the parts
+    ids = torch.randint(0, 97, (1, 12))
+    expected = M.forward(ours, ids, M.KVCache(3))
+    assert torch.equal(M.forward(again, ids, M.KVCache(3)), expected)
+    assert torch.allclose(M.forward(fresh, ids, M.KVCache(3)), expected, atol=1e-6)
+
+
+def test_rope_tables_are_computed_once_and_grow_when_needed(tmp_path, monkeypatch):
+    tiny_hf("llama31", tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, 97, (1, 30))
+    full = M.forward(M.load_model(tmp_path), ids, M.KVCache(3))  # another copy: ours has no tables yet
+    calls = []
+    monkeypatch.setattr(M, "rope_cos_sin", lambda *a: calls.append(1) or rope_cos_sin(*a))
+    logits, cache = M.prefill(ours, ids[:, :10])
+    assert len(calls) == 1 and ours.rope_cos.shape[0] == 20  # room for as many tokens again
+    for t in range(10, 30):  # past position 19 the tables are recomputed, twice as long, once
+        assert torch.allclose(M.decode_one_token(ours, ids[:, t : t + 1], cache), full[:, t], atol=1e-5)
+    assert len(calls) == 2 and ours.rope_cos.shape[0] == 42  # twice the 21 positions needed then
+    cos, sin = rope_cos_sin(ours.inv_freq, torch.arange(42))
+    assert torch.equal(ours.rope_cos, cos) and torch.equal(ours.rope_sin, sin)
+
+
+def test_long_prompt_mlp_in_pieces_is_exact(tmp_path, monkeypatch):
+    tiny_hf("qwen3", tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, 97, (2, 50))
+    whole = M.forward(ours, ids, M.KVCache(3))
+    monkeypatch.setattr(M.MLP, "max_tokens", 7)  # 50 tokens: 8 pieces
+    assert torch.allclose(M.forward(ours, ids, M.KVCache(3)), whole, atol=1e-6)
 
 
 # --- bad input: clear errors that name the problem -------------------------------------------

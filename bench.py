@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+import checkpoint as CK
 import model as M
 import policies as P
 import polykv as K
@@ -343,7 +344,7 @@ def reset_peak_rss() -> bool:
 def prefill_peak(model_dir: Path, n: int, device: str, dtype: torch.dtype) -> dict:
     """In THIS process (bench.py runs it in a fresh one per length): the peak growth of resident
     memory during one prefill of n tokens, after a short warm-up prefill, and the cache's KV bytes."""
-    model = M.load_model(model_dir, device, dtype)
+    model = CK.load_model(model_dir, device, dtype)
     ids = random_prompt(n, model.cfg.vocab_size, device, seed=5)
     M.prefill(model, ids[:, :64])  # warm-up: kernels, thread pools, allocator
     exact = reset_peak_rss()  # else VmHWM still holds loading's peak, and only growth above it shows
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     dtype = getattr(torch, args.dtype)
-    model_dir = args.model or M.default_model_dir()
+    model_dir = args.model or CK.default_model_dir()
     if args.prefill_peak:
         with torch.no_grad():
             line = json.dumps(prefill_peak(model_dir, args.prefill_peak, args.device, dtype))
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> str:
         return line
 
     t_start = time.perf_counter()
-    model = M.load_model(model_dir, args.device, dtype)
+    model = CK.load_model(model_dir, args.device, dtype)
     hf = None
     if not args.no_transformers:
         hf = load_hf(model_dir, args.device, dtype)

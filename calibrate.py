@@ -27,7 +27,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
+import checkpoint as CK
 import model as M
 import polykv as K
 import policies as P
@@ -283,7 +284,7 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
 
 def build_references(model, tokenizer, model_dir, samples: list[dict], cs: CalibrationSettings,
                      settings: P.Settings, desc: str) -> list[Reference]:
-    stop_ids = M.stop_token_ids(model_dir, tokenizer)
+    stop_ids = CK.stop_token_ids(model_dir, tokenizer)
     refs = []
     for s in tqdm(samples, desc=desc):
         ids, _ = LB.prompt_ids(tokenizer, s, cs.max_length)
@@ -383,13 +384,13 @@ def main(argv=None) -> None:
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
                          "which every layer keeps")
-    model_dir = M.resolve_model_dir(args.model)
+    model_dir = CK.resolve_model_dir(args.model)
     out = args.out or K.PLANS_DIR / model_dir.name
     check_writable(out)
     data_dir = LB.find_data_dir(args.data_dir, ROOT)
     if data_dir is None:
         print("no LongBench folder given or found: calibrating on RULER samples (seeds disjoint from evaluation's)")
-    model, tokenizer = M.load_model(model_dir, args.device), M.load_tokenizer(model_dir)
+    model, tokenizer = CK.load_model(model_dir, args.device), CK.load_tokenizer(model_dir)
     run(model, tokenizer, model_dir, budgets, out, cs, settings, data_dir)
 
 

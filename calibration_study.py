@@ -27,7 +27,7 @@ from pathlib import Path
 
 import calibrate as C
 import longbench as LB
-import model as M
+import checkpoint as CK
 import polykv as K
 import policies as P
 import report
@@ -259,9 +259,9 @@ def main(argv=None) -> None:
     p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
     args = p.parse_args(argv)
-    model_dir = M.resolve_model_dir(args.model)
+    model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
-    model, tokenizer = M.load_model(model_dir), M.load_tokenizer(model_dir)
+    model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     if args.head_routing:
         refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / model_dir.name, args.budgets, data_dir)
         return
@@ -270,7 +270,7 @@ def main(argv=None) -> None:
     validation, draws, held_out = sample_sets(data_dir, sorted(args.sizes), args.n_validation, args.family,
                                               args.n_family, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"model": M.model_name(model_dir), "data": LB.data_id(data_dir),
+    (args.out / "study.json").write_text(json.dumps({"model": CK.model_name(model_dir), "data": LB.data_id(data_dir),
                                                      "calibration_settings": cs.__dict__, "argv": sys.argv[1:]}, indent=1))
     rows = read_rows(args.out / "plans.jsonl")
     needed = {s["_id"]: s for samples in draws.values() for s in samples}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rouge import Rouge
 
-import model as M  # the model family's chat format
+import checkpoint as CK  # the model family's chat format
 with warnings.catch_warnings():
     # Without python-Levenshtein, fuzzywuzzy warns once and uses difflib.SequenceMatcher.
     # LongBench does not require python-Levenshtein, so difflib is the expected backend.
@@ -232,9 +232,9 @@ def prompt_ids(tokenizer, sample: dict, max_length: int) -> tuple[list[int], int
     question = template[template.index("{context}") + len("{context}"):].format(**sample)
     boundary = len(prompt) - len(question) if prompt.endswith(question) else len(prompt)  # cut into: all context
     if use_chat_template(sample["dataset"]):  # the template carries its own special tokens
-        before, after = M.chat_parts(tokenizer)
-        return M.encode_split(tokenizer, before + prompt + after, len(before) + boundary)
-    return M.encode_split(tokenizer, prompt, boundary, add_special_tokens=True)  # raw: the tokenizer's own specials (BOS), as HF
+        before, after = CK.chat_parts(tokenizer)
+        return CK.encode_split(tokenizer, before + prompt + after, len(before) + boundary)
+    return CK.encode_split(tokenizer, prompt, boundary, add_special_tokens=True)  # raw: the tokenizer's own specials (BOS), as HF
 
 
 # ----------------------------------------------------------------------------- metrics

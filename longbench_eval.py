@@ -19,7 +19,6 @@ a lock keeps a second run out), then the report (report.py): metrics.json, resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
+import checkpoint as CK
 import model as M
 import policies as P
 import polykv as K
@@ -107,7 +107,7 @@ def load_given_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> list[K.P
     plans = []
     for spec in s.plans:
         name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
-        plan = K.load_model_plan(Path(path), M.model_name(model_dir), cfg)
+        plan = K.load_model_plan(Path(path), CK.model_name(model_dir), cfg)
         plan.name = name or plan.name
         plans.append(plan)
     return plans
@@ -118,7 +118,7 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
     Plans come from --plan or the committed plans/; a missing one is an error naming the command
     that makes it: an evaluation never calibrates behind the user's back."""
     given = {(p.name, int(p.average_budget)): p for p in load_given_plans(s, model_dir, cfg)}
-    committed = K.committed_plans(M.model_name(model_dir), cfg)
+    committed = K.committed_plans(CK.model_name(model_dir), cfg)
     every = {**committed, **given}
     excluded = {i for p in list(committed.values()) + list(given.values())
                 for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
@@ -256,7 +256,7 @@ def run_config(s: RunSettings, model_dir: Path, runs: list[tuple]) -> dict:
     change: each record carries its plan's fingerprint, so a new plan only re-runs its method."""
     data = LB.data_id(s.data_dir) if s.benchmark == "longbench" else f"ruler-seed{s.ruler_seed}"
     settings = next((p for _, _, p in runs if p), None)  # every plan of a run shares the window, see build_runs
-    return {"data_id": data, "model": M.model_name(model_dir), "model_id": M.model_fingerprint(model_dir),
+    return {"data_id": data, "model": CK.model_name(model_dir), "model_id": CK.model_fingerprint(model_dir),
             "max_length": s.max_length, "dtype": s.dtype, "query": s.query,
             "settings": asdict(settings.settings if settings else P.Settings())}
 
@@ -268,7 +268,7 @@ def run_samples(model, tokenizer, model_dir: Path, samples: list[dict], runs: li
     done = report.read_records(out)
     mine = samples[rank::world]
     bench = R if s.benchmark == "ruler" else LB
-    stops = M.stop_token_ids(model_dir, tokenizer)
+    stops = CK.stop_token_ids(model_dir, tokenizer)
     f, write = report.open_writer(out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl"))
     bar = tqdm(total=len(mine) * len(runs), desc="samples x methods", disable=rank != 0)
     with f, bar:
@@ -409,22 +409,22 @@ def main(argv=None) -> int:
     try:
         s = replace(s, device=init_distributed(s.device))
         rank = rank_world()[0]
-        model_dir = M.resolve_model_dir(s.model)
-        cfg, tokenizer = M.load_config(model_dir), M.load_tokenizer(model_dir)
-        M.check_tokenizer(cfg, tokenizer, model_dir)
+        model_dir = CK.resolve_model_dir(s.model)
+        cfg, tokenizer = CK.load_config(model_dir), CK.load_tokenizer(model_dir)
+        CK.check_tokenizer(cfg, tokenizer, model_dir)
         s, note = complete(s, model_dir, cfg)
         by_task = load_benchmark(s, tokenizer)
         plans, excluded = choose_plans(s, model_dir, cfg)
         runs = build_runs(s, plans, cfg.n_layers)
         samples, n_excluded = select_samples(s, by_task, excluded)
-        out = s.out or PROJECT / "results" / M.model_name(model_dir) / (
+        out = s.out or PROJECT / "results" / CK.model_name(model_dir) / (
             f"{s.benchmark}_maxlen{s.max_length}_limit{s.limit or 'all'}" + ("_agnostic" if s.query == "agnostic" else ""))
         config = run_config(s, model_dir, runs)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             report.take_lock(out)
             report.check_run_config(out, config)
-        model = M.load_model(model_dir, s.device, getattr(torch, s.dtype))
+        model = CK.load_model(model_dir, s.device, getattr(torch, s.dtype))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from functools import lru_cache, partial
 from importlib.resources import files
 from pathlib import Path
 
-import model as M  # the model family's chat format
+import checkpoint as CK  # the model family's chat format
 
 # ----------------------------------------------------------------------------- protocol
 
@@ -313,9 +313,9 @@ def prompt_ids(tokenizer, sample: dict, max_length: int | None = None) -> tuple[
     Returns the ids and how many of them are context (everything before the question).
     (max_length: unused, the sample's length was fixed when it was generated; the signature is
     longbench.prompt_ids', so one runner builds both benchmarks' prompts.)"""
-    before, after = M.chat_parts(tokenizer)
+    before, after = CK.chat_parts(tokenizer)
     text = before + sample["input"] + after + sample["answer_prefix"]
-    return M.encode_split(tokenizer, text, len(before) + sample["context_end"])
+    return CK.encode_split(tokenizer, text, len(before) + sample["context_end"])
 
 
 def largest_fitting(build, fits, low: int, high: int, start: int) -> tuple[dict, int]:

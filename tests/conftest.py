@@ -1,5 +1,4 @@
 """Shared fixtures: the project root on sys.path, the real default model, a tiny random checkpoint."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint as CK  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
-    return M.load_model(smollm2_dir), M.load_tokenizer(smollm2_dir)
+    return CK.load_model(smollm2_dir), CK.load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 import calibrate as C
 import longbench as LB
+import checkpoint as CK
 import model as M
 import policies as P
 import polykv as K
@@ -170,9 +171,9 @@ def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
 def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
     """Zero when the budgets cover the prompt; grows as the budgets shrink."""
     model, tokenizer = smollm2
-    ids = tokenizer.encode(M.chat_prompt(tokenizer, "The pass key is 4242. " + "The grass is green. " * 120
+    ids = tokenizer.encode(CK.chat_prompt(tokenizer, "The pass key is 4242. " + "The grass is green. " * 120
                                          + "What is the pass key?"), add_special_tokens=False).ids
-    ref = C.build_reference(model, ids, "p", 16, M.stop_token_ids(smollm2_dir, tokenizer), window=32)
+    ref = C.build_reference(model, ids, "p", 16, CK.stop_token_ids(smollm2_dir, tokenizer), window=32)
     n, T = model.cfg.n_layers, len(ids)
     kls = [C.plan_sample_kl(model, ref, K.Plan(["snapkv"] * n, [b] * n)) for b in (T, 256, 64)]
     assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
@@ -198,7 +199,7 @@ def longbench_dir(tmp_path_factory):
 
 
 def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
-    model, tokenizer = M.load_model(tiny_checkpoint), M.load_tokenizer(tiny_checkpoint)
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
     paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
     pool = LB.calibration_pool(LB.load_samples(longbench_dir))

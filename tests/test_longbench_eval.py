@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import longbench as LB  # noqa: E402
 import longbench_eval as E  # noqa: E402
+import checkpoint as CK  # noqa: E402
 import model as M  # noqa: E402
 import polykv as K  # noqa: E402
 import report  # noqa: E402
@@ -137,7 +138,7 @@ def test_bootstrap_difference_exact_cases():
 def test_teacher_forced_fidelity_equals_one_cache_at_a_time(ckpt):
     """The batched teacher-forced fidelity equals, per cache, the plain teacher-forced pass:
     agreement = argmax matches, KL = polykv.continuation_kl; an uncompressed cache agrees fully."""
-    model = M.load_model(ckpt)
+    model = CK.load_model(ckpt)
     torch.manual_seed(0)
     logits, cache, stats = K.prefill_with_stats(model, torch.randint(0, 200, (1, 120)), 32)
     full_tokens = M.generate(model, cache.clone(), logits, 20)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint as CK
 import model as M
 
 rope_cos_sin = M.rope_cos_sin  # the original, for tests that count its calls
@@ -46,7 +47,7 @@ def tiny_hf(kind: str, tmp_path: Path):
 @pytest.mark.parametrize("kind", ["llama31", "qwen2", "qwen3"])
 def test_logits_match_transformers(kind, tmp_path):
     hf = tiny_hf(kind, tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 300))  # 300 > original context 64: exercises llama3 scaling
     with torch.no_grad():
         expected = hf(ids).logits
@@ -57,7 +58,7 @@ def test_logits_match_transformers(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["llama31", "qwen3"])
 def test_greedy_generation_matches_transformers(kind, tmp_path):
     hf = tiny_hf(kind, tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, TINY["vocab_size"], (1, 40))
     expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 40:].tolist()
     logits, cache = M.prefill(ours, ids, chunk_size=16)
@@ -66,7 +67,7 @@ def test_greedy_generation_matches_transformers(kind, tmp_path):
 
 def test_prefill_then_decode_equals_one_forward(tmp_path):
     tiny_hf("qwen3", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, TINY["vocab_size"], (1, 57))
     full = M.forward(ours, ids, M.KVCache(ours.cfg.n_layers))  # (1, 57, V)
     logits, cache = M.prefill(ours, ids[:, :50], chunk_size=16)
@@ -79,7 +80,7 @@ def test_prefill_then_decode_equals_one_forward(tmp_path):
 
 def test_chunked_prefill_equals_unchunked(tmp_path):
     tiny_hf("llama31", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, TINY["vocab_size"], (1, 100))
     one, cache_one = M.prefill(ours, ids, chunk_size=1000)
     many, cache_many = M.prefill(ours, ids, chunk_size=7)
@@ -90,7 +91,7 @@ def test_chunked_prefill_equals_unchunked(tmp_path):
 
 def test_observe_sees_post_rope_chunk_queries_and_all_keys(tmp_path):
     tiny_hf("qwen2", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     seen = []
     M.prefill(ours, torch.randint(0, 97, (1, 20)), chunk_size=8,
               observe=lambda layer, q, k_all: seen.append((layer, q.shape[2], k_all.shape[2])))
@@ -101,7 +102,7 @@ def test_observe_sees_post_rope_chunk_queries_and_all_keys(tmp_path):
 def test_positions_continue_from_prompt_length_after_eviction(tmp_path):
     """Dropping cache entries must not shift the position of the tokens that follow."""
     tiny_hf("llama31", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, 97, (1, 30))
     _, cache = M.prefill(ours, ids)
     for layer in range(3):  # evict the first 10 tokens in every layer
@@ -123,7 +124,7 @@ def test_positions_continue_from_prompt_length_after_eviction(tmp_path):
 
 def test_clone_is_independent(tmp_path):
     tiny_hf("qwen2", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     _, cache = M.prefill(ours, torch.randint(0, 97, (1, 12)))
     copy = cache.clone()
     M.decode_one_token(ours, torch.tensor([[1]]), copy)
@@ -135,7 +136,7 @@ def test_stacked_caches_decode_like_each_alone(tmp_path):
     """Caches with different per-layer lengths, stacked into one padded batch, generate exactly
     what each generates alone (the padding is masked out; capacity growth keeps the mask)."""
     tiny_hf("qwen2", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     torch.manual_seed(1)
     for p in ours.parameters():  # larger weights than HF's init: outputs that depend on the cache
         p.data.normal_(0, 0.3)
@@ -167,7 +168,7 @@ def test_fused_projections_load_and_save_under_the_checkpoint_names(tmp_path):
     """q/k/v and gate/up are concatenated once at load time; state_dict() splits them back, so a saved
     state_dict is a checkpoint (load_model reads it) and load_state_dict takes one back."""
     tiny_hf("qwen2", tmp_path / "hf")  # q/k/v biases are fused too
-    ours = M.load_model(tmp_path / "hf")
+    ours = CK.load_model(tmp_path / "hf")
     ckpt = load_file(tmp_path / "hf" / "model.safetensors")
     attn = ours.layers[1].self_attn
     parts = ["model.layers.1.self_attn." + p for p in ("q_proj", "k_proj", "v_proj")]
@@ -186,7 +187,7 @@ def test_fused_projections_load_and_save_under_the_checkpoint_names(tmp_path):
     save_file({f"model.{k}": v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
               tmp_path / "ours" / "model.safetensors")  # no shared storage between the split parts
     (tmp_path / "ours" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
-    again, fresh = M.load_model(tmp_path / "ours"), M.Transformer(ours.cfg).eval()
+    again, fresh = CK.load_model(tmp_path / "ours"), M.Transformer(ours.cfg).eval()
     fresh.load_state_dict(state)  # strict: the hook joins the parts
     ids = torch.randint(0, 97, (1, 12))
     expected = M.forward(ours, ids, M.KVCache(3))
@@ -196,9 +197,9 @@ def test_fused_projections_load_and_save_under_the_checkpoint_names(tmp_path):
 
 def test_rope_tables_are_computed_once_and_grow_when_needed(tmp_path, monkeypatch):
     tiny_hf("llama31", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, 97, (1, 30))
-    full = M.forward(M.load_model(tmp_path), ids, M.KVCache(3))  # another copy: ours has no tables yet
+    full = M.forward(CK.load_model(tmp_path), ids, M.KVCache(3))  # another copy: ours has no tables yet
     calls = []
     monkeypatch.setattr(M, "rope_cos_sin", lambda *a: calls.append(1) or rope_cos_sin(*a))
     logits, cache = M.prefill(ours, ids[:, :10])
@@ -212,7 +213,7 @@ def test_rope_tables_are_computed_once_and_grow_when_needed(tmp_path, monkeypatc
 
 def test_long_prompt_mlp_in_pieces_is_exact(tmp_path, monkeypatch):
     tiny_hf("qwen3", tmp_path)
-    ours = M.load_model(tmp_path)
+    ours = CK.load_model(tmp_path)
     ids = torch.randint(0, 97, (2, 50))
     whole = M.forward(ours, ids, M.KVCache(3))
     monkeypatch.setattr(M.MLP, "max_tokens", 7)  # 50 tokens: 8 pieces
@@ -227,7 +228,7 @@ def test_unknown_model_type(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_unsupported_rope_scaling(tmp_path):
@@ -236,7 +237,7 @@ def test_unsupported_rope_scaling(tmp_path):
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_missing_tensor(tmp_path):
@@ -245,7 +246,7 @@ def test_missing_tensor(tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensor\(s\): layers.1.mlp.up_proj.weight"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_wrong_shape(tmp_path):
@@ -254,7 +255,7 @@ def test_wrong_shape(tmp_path):
     tensors["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(3, 64)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"layers.2.self_attn.k_proj.weight has shape \(3, 64\), expected \(32, 64\)"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_unexpected_tensor(tmp_path):
@@ -263,25 +264,25 @@ def test_unexpected_tensor(tmp_path):
     tensors["model.layers.0.extra.weight"] = torch.zeros(2)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\): layers.0.extra.weight"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
-        M.load_tokenizer(tmp_path)
+        CK.load_tokenizer(tmp_path)
 
 
 def test_missing_weights(tmp_path):
     tiny_hf("qwen2", tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.load_model(tmp_path)
+        CK.load_model(tmp_path)
 
 
 def test_sharded_checkpoint(tmp_path):
     hf = tiny_hf("qwen2", tmp_path / "one")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    a, b = M.load_model(tmp_path / "one"), M.load_model(tmp_path / "sharded")
+    a, b = CK.load_model(tmp_path / "one"), CK.load_model(tmp_path / "sharded")
     ids = torch.randint(0, 97, (1, 10))
     assert torch.equal(M.forward(a, ids, M.KVCache(3)), M.forward(b, ids, M.KVCache(3)))

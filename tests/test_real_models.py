@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import checkpoint as CK
 import model as M
 import polykv as K
 import policies as P
@@ -34,7 +35,7 @@ def long_prompt(tokenizer, n_tokens: int) -> torch.Tensor:
 
 
 def check_parity(model_dir):
-    ours, tokenizer = M.load_model(model_dir), M.load_tokenizer(model_dir)
+    ours, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     ids = long_prompt(tokenizer, 300)
     with torch.no_grad():
@@ -58,18 +59,18 @@ def test_qwen25_matches_transformers(qwen_dir):
 
 def test_chat_answers_paris(smollm2, smollm2_dir):
     model, tokenizer = smollm2
-    ids = tokenizer.encode(M.chat_prompt(tokenizer, "What is the capital of France?"), add_special_tokens=False).ids
+    ids = tokenizer.encode(CK.chat_prompt(tokenizer, "What is the capital of France?"), add_special_tokens=False).ids
     logits, cache = M.prefill(model, torch.tensor([ids]))
-    out = M.generate(model, cache, logits, 30, M.stop_token_ids(smollm2_dir, tokenizer))
+    out = M.generate(model, cache, logits, 30, CK.stop_token_ids(smollm2_dir, tokenizer))
     assert "Paris" in tokenizer.decode(out)
-    assert out[-1] in M.stop_token_ids(smollm2_dir, tokenizer)  # it stops by itself
+    assert out[-1] in CK.stop_token_ids(smollm2_dir, tokenizer)  # it stops by itself
 
 
 def test_chat_prompt_matches_the_shipped_template(smollm2_dir):
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     expected = hf_tok.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
                                           add_generation_prompt=True)
-    assert M.chat_prompt(M.load_tokenizer(smollm2_dir), "Hi there") == expected
+    assert CK.chat_prompt(CK.load_tokenizer(smollm2_dir), "Hi there") == expected
 
 
 def passkey_prompt(tokenizer, n_tokens: int, key: str) -> list[int]:
@@ -79,7 +80,7 @@ def passkey_prompt(tokenizer, n_tokens: int, key: str) -> list[int]:
     text = (f"There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n{half}"
             f"The pass key is {key}. Remember it. {key} is the pass key.\n{half}")
     question = "What is the pass key?"
-    return tokenizer.encode(M.chat_prompt(tokenizer, text + "\n" + question), add_special_tokens=False).ids
+    return tokenizer.encode(CK.chat_prompt(tokenizer, text + "\n" + question), add_special_tokens=False).ids
 
 
 def test_passkey_snapkv_keeps_it_streamingllm_loses_it(smollm2, smollm2_dir):
@@ -91,7 +92,7 @@ def test_passkey_snapkv_keeps_it_streamingllm_loses_it(smollm2, smollm2_dir):
     StreamingLLM answers 0/5 at either budget. At 256 SnapKV still keeps the key's tokens in
     about half (0.47) of the (layer, KV head) slots, where StreamingLLM keeps none."""
     model, tokenizer = smollm2
-    stops = M.stop_token_ids(smollm2_dir, tokenizer)
+    stops = CK.stop_token_ids(smollm2_dir, tokenizer)
     n = model.cfg.n_layers
     found = {"full": 0, "snapkv512": 0, "streamingllm512": 0, "streamingllm256": 0}
     for key in ["68432", "51973", "2046", "358", "916"]:

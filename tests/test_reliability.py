@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 import calibrate as C
 import longbench as LB
 import longbench_eval as E
+import checkpoint as CK
 import model as M
 import polykv as K
 import report
@@ -86,7 +85,7 @@ def test_duplicate_budgets_run_once(ckpt, tmp_path, monkeypatch):
                                           (["--budgets", "0"], "below the observation window"),
                                           (["--min-win-share", "1.5"], "--min-win-share must be in [0, 1)")])
 def test_calibrate_refuses_bad_values_before_loading_anything(argv, message, monkeypatch):
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         C.main(argv)
 
@@ -175,7 +174,7 @@ def test_other_weights_in_a_folder_of_the_same_name_are_refused(ckpt, data, tmp_
     same_name = copy_checkpoint(ckpt, tmp_path / "a" / ckpt.name)
     out = tmp_path / "run"
     assert E.main(args(same_name, data, out, "--methods", "knorm", "--budget", "40")) == 0
-    tensors = {k: v + 0.01 for k, v in M.read_safetensors(same_name).items()}
+    tensors = {k: v + 0.01 for k, v in CK.read_safetensors(same_name).items()}
     save_file(tensors, str(same_name / "model.safetensors"))  # another checkpoint, same folder name
     assert E.main(args(same_name, data, out, "--methods", "knorm", "--budget", "40")) == 2
     assert "holds a run with different model_id" in capsys.readouterr().err
@@ -194,12 +193,12 @@ def test_a_model_id_resolves_from_the_local_hugging_face_cache(ckpt, tmp_path, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    resolved = M.resolve_model_dir("someone/tiny-llama")
-    assert resolved == snapshot and M.model_name(resolved) == "tiny-llama"
+    resolved = CK.resolve_model_dir("someone/tiny-llama")
+    assert resolved == snapshot and CK.model_name(resolved) == "tiny-llama"
     with pytest.raises(FileNotFoundError, match="not a model in the local Hugging Face cache.*huggingface-cli download"):
-        M.resolve_model_dir("someone/absent")
+        CK.resolve_model_dir("someone/absent")
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
-        M.resolve_model_dir(tmp_path / "nowhere" / "at" / "all")
+        CK.resolve_model_dir(tmp_path / "nowhere" / "at" / "all")
 
 
 def test_a_plan_runs_under_a_name_of_its_own_beside_another(ckpt, data, tmp_path, capsys):

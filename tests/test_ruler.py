@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import model as M  # noqa: E402
+import checkpoint as CK  # noqa: E402
 import ruler as R  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "ruler" / "tasks.json"
@@ -23,7 +23,7 @@ NIAH_TASKS = [t for t in R.ALL_TASKS if t.startswith("niah")]
 
 @pytest.fixture(scope="module")
 def tok(smollm2_dir):
-    return M.load_tokenizer(smollm2_dir)
+    return CK.load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_largest_fitting_finds_the_largest_size():
 # ----------------------------------------------------------------------------- 6. prompt_ids
 
 def test_prompt_ids_split_context_and_question(tok, suite):
-    before, after = M.chat_parts(tok)
+    before, after = CK.chat_parts(tok)
     for task in R.ALL_TASKS:
         for s in suite[task]:
             text = before + s["input"] + after + s["answer_prefix"]

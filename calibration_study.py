@@ -107,21 +107,26 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 rows[key] = row
                 print(f"[{key}] {time.perf_counter() - t0:.0f} s: " + ", ".join(
                     f"{name} {p['in_sample_kl']:.4f}" for name, p in row["plans"].items()), flush=True)
-    for budget, agg in [(b, a) for b in budgets for a in ("mean", "all")]:  # TOVA's head aggregation, uniform
+
+
+def add_tova_rows(n_layers: int, budgets: list[int], rows: dict, out: Path) -> None:
+    """Uniform TOVA with each head aggregation (nothing to calibrate: scored on validation only)."""
+    for budget, agg in [(b, a) for b in budgets for a in ("mean", "all")]:
         key = f"{budget}/tova_agg/{agg}"
         if key not in rows:
             rows[key] = {"key": key, "budget": budget, "draw": "tova_agg", "arm": agg, "tova_agg": agg,
-                         "plans": {"tova": {"policies": ["tova"] * n, "budgets": [budget] * n}}}
+                         "plans": {"tova": {"policies": ["tova"] * n_layers, "budgets": [budget] * n_layers}}}
             append_row(out / "plans.jsonl", rows[key])
 
 
 def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
     """Each plan's KL on each validation reference it was not calibrated on (validation.jsonl)."""
+    done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
     for row in rows.values():
         settings = P.Settings(tova_agg=row.get("tova_agg", "mean"))
         for name, p in row["plans"].items():
             key = f"{row['key']}/{name}"
-            if key in done:
+            if key in done or key in read_rows(out / "validation.jsonl"):
                 continue
             plan = K.Plan(p["policies"], p["budgets"], settings=settings)
             kls = {r.sample_id: C.plan_sample_kl(model, r, plan) for r in val_refs
@@ -258,6 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=C.CalibrationSettings().max_length)
     p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
+    p.add_argument("--validate-only", action="store_true",
+                   help="only score the plans made so far (e.g. beside a run still making them), then the tables")
     args = p.parse_args(argv)
     model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
@@ -275,10 +282,11 @@ def main(argv=None) -> None:
     rows = read_rows(args.out / "plans.jsonl")
     needed = {s["_id"]: s for samples in draws.values() for s in samples}
     extra_sizes = set(args.extra_sizes)
-    if any(key not in rows for key in expected_keys(draws, args.budgets, extra_sizes)):
+    if not args.validate_only and any(key not in rows for key in expected_keys(draws, args.budgets, extra_sizes)):
         refs = C.build_references(model, tokenizer, model_dir, list(needed.values()), cs, P.Settings(), "calibration references")
         make_plans(model, {r.sample_id: r for r in refs}, draws, args.budgets, cs, extra_sizes, rows, args.out)
         del refs
+    add_tova_rows(model.cfg.n_layers, args.budgets, rows, args.out)
     done = read_rows(args.out / "validation.jsonl")
     val_samples = list({s["_id"]: s for s in validation + held_out}.values())
     val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, P.Settings(), "validation references")

@@ -463,11 +463,21 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model_dir = args.model or CK.default_model_dir()
-    model = CK.load_model(model_dir, args.device, getattr(torch, args.dtype))
-    tokenizer = CK.load_tokenizer(model_dir)
+    cfg, tokenizer = CK.load_config(model_dir), CK.load_tokenizer(model_dir)
     text = CK.chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids], device=args.device)
+    prompt = tokenizer.encode(text, add_special_tokens=False).ids
+    # checked before the weights load: an empty prompt has no last position to predict from,
+    # and positions past max_seq_len were never trained (RoPE would extrapolate silently)
+    if not prompt:
+        p.error("--prompt is empty: it encodes to zero tokens")
+    if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
+        p.error(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds "
+                f"the model's context window of {cfg.max_seq_len} tokens ({Path(model_dir) / 'config.json'})")
+    model = CK.load_model(model_dir, args.device, getattr(torch, args.dtype))
+    ids = torch.tensor([prompt], device=args.device)
     t0 = time.perf_counter()
     logits, cache = prefill(model, ids)
     t1 = time.perf_counter()

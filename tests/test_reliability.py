@@ -90,6 +90,26 @@ def test_calibrate_refuses_bad_values_before_loading_anything(argv, message, mon
         C.main(argv)
 
 
+@pytest.mark.parametrize("prompt,extra,message", [
+    ("", [], "--prompt is empty"),
+    ("x" * 4100, [], "exceeds the model's context window of 4096 tokens"),
+    ("x" * 4000, ["--max-new-tokens", "200"], "exceeds the model's context window of 4096 tokens"),
+    ("hi", ["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+])
+def test_model_cli_refuses_prompts_it_cannot_run_before_loading_weights(ckpt, prompt, extra, message, monkeypatch, capsys):
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
+    monkeypatch.setattr(sys, "argv", ["model.py", "--model", str(ckpt), "--prompt", prompt, *extra])
+    with pytest.raises(SystemExit) as e:
+        M.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_model_cli_generates_within_the_window(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["model.py", "--model", str(ckpt), "--prompt", "x" * 4000, "--max-new-tokens", "3"])
+    M.main()
+    assert "4000 prompt tokens" in capsys.readouterr().out
+
+
 # --- bad files: one clear line naming the file --------------------------------------------------------
 
 

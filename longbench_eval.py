@@ -312,8 +312,7 @@ def init_distributed(device: str) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_settings(argv=None) -> RunSettings:
-    """The command line, each flag checked before anything slow (argparse exits with 2 on a bad one)."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
         f"Quick default: with none of --limit/--tasks/--ids, {QUICK['longbench']} LongBench sample per task (tasks that "
         f"generate over {QUICK_MAX_NEW} tokens skipped) or {QUICK['ruler']} RULER samples per task, ~15 min on a 2-core "
@@ -342,6 +341,12 @@ def parse_settings(argv=None) -> RunSettings:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=16, help="runs of one budget decoded together per sample (1 = one by one)")
+    return p
+
+
+def parse_settings(argv=None) -> RunSettings:
+    """The command line, each flag checked before anything slow (argparse exits with 2 on a bad one)."""
+    p = build_parser()
     a = p.parse_args(argv)
     window = P.Settings().window
     bad = [b for b in a.budgets or [] if b < window]

@@ -32,6 +32,9 @@ import polykv as K
 import policies as P
 import report
 
+# The study's policy settings, one for every row so its points stay comparable: TOVA within each
+# KV head's group, the default when the study began (the study itself then measured "all" better).
+SETTINGS = P.Settings(tova_agg="mean")
 FAMILIES = {"code": ("lcc", "repobench-p"), "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en")}
 
 
@@ -85,7 +88,7 @@ def expected_keys(draws: dict, budgets: list[int], extra_sizes: set[int]) -> lis
 def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.CalibrationSettings,
                extra_sizes: set[int], rows: dict, out: Path) -> None:
     """Every plan of the study, written as it is made (plans.jsonl); rows already there are kept."""
-    settings, n = P.Settings(), model.cfg.n_layers
+    settings, n = SETTINGS, model.cfg.n_layers
     for draw_name, samples in draws.items():  # smallest draws first: a partial run covers every budget
         for budget in budgets:
             refs = [refs_by_id[s["_id"]] for s in samples]
@@ -99,7 +102,7 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 table = next(iter(plans.values()))["calibration"]
                 plans["uniform"] = {"policies": [table["best_uniform"]] * n, "budgets": [budget] * n,
                                     "calibration": {"in_sample_kl": table["best_uniform_in_sample_kl"]}}
-                row = {"key": key, "budget": budget, "draw": draw_name, "n": len(samples), "arm": arm,
+                row = {"key": key, "budget": budget, "draw": draw_name, "n": len(samples), "arm": arm, "tova_agg": settings.tova_agg,
                        "seconds": time.perf_counter() - t0, "calibration_ids": [s["_id"] for s in samples],
                        "plans": {name: {k: p[k] for k in ("policies", "budgets")} | {"in_sample_kl": p["calibration"]["in_sample_kl"]}
                                  for name, p in plans.items()}}
@@ -123,7 +126,7 @@ def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
     """Each plan's KL on each validation reference it was not calibrated on (validation.jsonl)."""
     done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
     for row in rows.values():
-        settings = P.Settings(tova_agg=row.get("tova_agg", "mean"))
+        settings = replace(SETTINGS, tova_agg=row.get("tova_agg", SETTINGS.tova_agg))
         for name, p in row["plans"].items():
             key = f"{row['key']}/{name}"
             if key in done or key in read_rows(out / "validation.jsonl"):
@@ -283,13 +286,13 @@ def main(argv=None) -> None:
     needed = {s["_id"]: s for samples in draws.values() for s in samples}
     extra_sizes = set(args.extra_sizes)
     if not args.validate_only and any(key not in rows for key in expected_keys(draws, args.budgets, extra_sizes)):
-        refs = C.build_references(model, tokenizer, model_dir, list(needed.values()), cs, P.Settings(), "calibration references")
+        refs = C.build_references(model, tokenizer, model_dir, list(needed.values()), cs, SETTINGS, "calibration references")
         make_plans(model, {r.sample_id: r for r in refs}, draws, args.budgets, cs, extra_sizes, rows, args.out)
         del refs
     add_tova_rows(model.cfg.n_layers, args.budgets, rows, args.out)
     done = read_rows(args.out / "validation.jsonl")
     val_samples = list({s["_id"]: s for s in validation + held_out}.values())
-    val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, P.Settings(), "validation references")
+    val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, SETTINGS, "validation references")
     validate(model, val_refs, rows, done, args.out)
     tables = study_tables(rows, done, [s["_id"] for s in validation], [s["_id"] for s in held_out], args.out)
     print(tables)

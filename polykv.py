@@ -158,7 +158,8 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
     if numbers != list(range(len(layers))):
         raise ValueError(f"{path}: the layers' 'layer' fields must number them 0..{len(layers) - 1} once each, got {numbers}")
     try:
-        settings = P.Settings(**doc.get("settings", {}))
+        # a plan that records settings but not tova_agg was made when TOVA aggregated within each KV head's group
+        settings = P.Settings(**({"tova_agg": "mean"} if "settings" in doc else {}) | doc.get("settings", {}))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     info = {k: v for k, v in doc.items() if k not in ("name", "model", "average_budget", "settings", "layers")}

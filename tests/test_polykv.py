@@ -51,6 +51,22 @@ def test_plan_json_round_trip(tmp_path):
         plan.policies, plan.budgets, plan.settings, plan.info, plan.model)
 
 
+def test_plans_made_before_tova_agg_keep_within_group_tova(tmp_path):
+    """A plan records the settings it was calibrated with; one that predates tova_agg used "mean"."""
+    assert P.Settings().tova_agg == "all"
+    K.save_plan(K.Plan(["tova"] * 3, [64] * 3, name="x", model="m"), tmp_path / "new.json")
+    doc = json.loads((tmp_path / "new.json").read_text())
+    assert K.load_plan(tmp_path / "new.json").settings.tova_agg == "all"
+    del doc["settings"]["tova_agg"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert K.load_plan(tmp_path / "old.json").settings == P.Settings(tova_agg="mean")
+    del doc["settings"]
+    (tmp_path / "bare.json").write_text(json.dumps(doc))
+    assert K.load_plan(tmp_path / "bare.json").settings == P.Settings()
+    committed = K.load_plan(K.plan_path(K.PLANS_DIR / "SmolLM2-135M-Instruct", 512, "polykv"))
+    assert committed.settings.tova_agg == "mean"
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d["layers"].pop(), "has 2 policies and 2 budgets, the model has 3 layers"),
     (lambda d: d["layers"][1].update(policy="lru"), "layer 1: unknown policy 'lru'"),

@@ -52,6 +52,12 @@ class Settings:
                 raise ValueError(f"settings.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
+def recorded_settings(record: dict) -> Settings:
+    """Settings as a plan or a run recorded them. A record made before TOVA's aggregation was a
+    field used within-group TOVA ("mean"), then the only kind; other missing fields take their defaults."""
+    return Settings(**{"tova_agg": "mean", **record})
+
+
 @dataclass
 class LayerStats:
     """What one layer's prefill leaves for the scorers."""

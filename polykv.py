@@ -158,8 +158,7 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
     if numbers != list(range(len(layers))):
         raise ValueError(f"{path}: the layers' 'layer' fields must number them 0..{len(layers) - 1} once each, got {numbers}")
     try:
-        # a plan that records settings but not tova_agg was made when TOVA aggregated within each KV head's group
-        settings = P.Settings(**({"tova_agg": "mean"} if "settings" in doc else {}) | doc.get("settings", {}))
+        settings = P.recorded_settings(doc["settings"]) if "settings" in doc else P.Settings()
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     info = {k: v for k, v in doc.items() if k not in ("name", "model", "average_budget", "settings", "layers")}

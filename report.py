@@ -158,7 +158,7 @@ def check_run_config(out: Path, config: dict) -> None:
         old = json.loads(path.read_text())
         old.setdefault("query", "aware")
         old.setdefault("model_id", config["model_id"])
-        old["settings"] = asdict(P.Settings(**old.get("settings", {})))  # fields added since take their defaults
+        old["settings"] = asdict(P.recorded_settings(old.get("settings", {})))
         diff = [k for k in config if old.get(k) != config[k]]
         if diff:
             raise ValueError(f"{out} holds a run with different {', '.join(diff)}; use another --out")

@@ -236,3 +236,16 @@ def test_a_plan_runs_under_a_name_of_its_own_beside_another(ckpt, data, tmp_path
     with pytest.raises(SystemExit):  # a name must say it is a PolyKV variant
         E.parse_settings(["--plan", f"mine={first}", "--methods", "mine"])
     assert "polykv* names given by --plan NAME=FILE" in capsys.readouterr().err
+
+
+def test_a_run_recorded_before_tova_agg_resumes_with_within_group_tova_only(tmp_path):
+    """The committed sweeps' run.json predate the field: they were made with within-group TOVA."""
+    old = {"data_id": "d", "model": "m", "max_length": 2048, "dtype": "float32",
+           "settings": {"window": 32, "kernel": 7, "pooling": "max", "sinks": 4, "agg": "mean", "seed": 0}}
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    config = {**old, "model_id": "x", "query": "aware", "settings": {**old["settings"], "tova_agg": "mean"}}
+    report.check_run_config(tmp_path, config)  # accepted, and run.json now records the field
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["tova_agg"] == "mean"
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="holds a run with different settings"):
+        report.check_run_config(tmp_path, {**config, "settings": {**config["settings"], "tova_agg": "all"}})

@@ -19,6 +19,7 @@ a lock keeps a second run out), then the report (report.py): metrics.json, resul
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -62,6 +63,8 @@ class RunSettings:
     data_dir: Path | None = None  # LongBench folder; None for RULER
     out: Path | None = None
     ruler_seed: int = 0
+    haystack: Path | None = None  # RULER: prose for the essay tasks
+    qa_files: tuple[tuple[str, Path], ...] = ()  # RULER: (task, dataset file) for qa_1 (SQuAD) / qa_2 (HotpotQA)
     batch: int = 16
     device: str = "cpu"
     dtype: str = "float32"
@@ -74,11 +77,15 @@ def load_benchmark(s: RunSettings, tokenizer) -> dict[str, list[dict]]:
     """Samples by task, every file read and checked: LongBench's folder, or RULER's samples generated
     from the evaluation seed (never a calibration seed). Each sample knows its generation length."""
     if s.benchmark == "ruler":
-        unknown = [t for t in s.tasks if t not in R.ALL_TASKS]
+        qa_files = dict(s.qa_files)
+        enabled = R.ESSAY_TASKS * (s.haystack is not None) + tuple(qa_files)  # tasks whose data was given
+        unknown = [t for t in s.tasks if t not in R.ALL_TASKS + enabled]
         if unknown:
-            raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; valid: {', '.join(R.ALL_TASKS)}")
-        return {t: R.generate(t, s.limit or QUICK["ruler"], tokenizer, s.max_length, s.ruler_seed)
-                for t in s.tasks or R.DEFAULT_TASKS}
+            raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; valid: {', '.join(R.ALL_TASKS + enabled)} "
+                             "(essay tasks with --haystack, qa_1 with --squad, qa_2 with --hotpotqa)")
+        return {t: R.generate(t, s.limit or QUICK["ruler"], tokenizer, s.max_length, s.ruler_seed,
+                              haystack_file=s.haystack, qa_file=qa_files.get(t))
+                for t in s.tasks or R.DEFAULT_TASKS + enabled}
     by_task = LB.load_samples(s.data_dir, list(s.tasks) or None)
     return {t: v for t, v in by_task.items() if not s.quick or v[0]["max_new_tokens"] <= QUICK_MAX_NEW}
 
@@ -254,7 +261,9 @@ def fullkv_logprobs(model, cache: M.KVCache, question: torch.Tensor, full_tokens
 def run_config(s: RunSettings, model_dir: Path, runs: list[tuple]) -> dict:
     """What the records in a folder depend on: resuming with anything else is refused. Plans may
     change: each record carries its plan's fingerprint, so a new plan only re-runs its method."""
-    data = LB.data_id(s.data_dir) if s.benchmark == "longbench" else f"ruler-seed{s.ruler_seed}"
+    data = LB.data_id(s.data_dir) if s.benchmark == "longbench" else f"ruler-seed{s.ruler_seed}" + "".join(
+        f"+{name}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+        for name, path in ((("essay", s.haystack),) if s.haystack else ()) + s.qa_files)
     settings = next((p for _, _, p in runs if p), None)  # every plan of a run shares the window, see build_runs
     return {"data_id": data, "model": CK.model_name(model_dir), "model_id": CK.model_fingerprint(model_dir),
             "max_length": s.max_length, "dtype": s.dtype, "query": s.query,
@@ -335,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="samples per task, 0 = all (default: the quick default)")
     p.add_argument("--max-length", type=int, help=f"LongBench: middle-truncate prompts to this many tokens "
                    f"(default {MAX_LENGTH['longbench']}); RULER: prompt + generation tokens (default {MAX_LENGTH['ruler']})")
+    p.add_argument("--haystack", type=Path, help="RULER: a prose file (text, or JSON {\"text\": ...}) for the essay tasks")
+    p.add_argument("--squad", type=Path, help="RULER: SQuAD v2's dev JSON, for qa_1")
+    p.add_argument("--hotpotqa", type=Path, help="RULER: HotpotQA's distractor dev JSON, for qa_2")
     p.add_argument("--ruler-seed", type=int, default=0, help=f"RULER samples' seed (below {R.CALIBRATION_SEED}, "
                    "the calibration's)")
     p.add_argument("--out", type=Path, help="output folder (default: results/<model>/<benchmark>_maxlen<L>_limit<N>)")
@@ -361,6 +373,10 @@ def parse_settings(argv=None) -> RunSettings:
               (a.max_length is not None and a.max_length < 64, f"--max-length must be at least 64 tokens, got {a.max_length}"),
               (not 0 <= a.ruler_seed < R.CALIBRATION_SEED, f"--ruler-seed must be in [0, {R.CALIBRATION_SEED})"),
               (a.benchmark == "ruler" and a.data_dir, "--data-dir is LongBench's; RULER is generated")]
+    checks += [(path is not None and not path.is_file(), f"--{flag} {path}: no such file")
+               for flag, path in (("haystack", a.haystack), ("squad", a.squad), ("hotpotqa", a.hotpotqa))]
+    checks += [(a.benchmark == "longbench" and (a.haystack or a.squad or a.hotpotqa), "--haystack, --squad and "
+                "--hotpotqa are RULER's")]
     for failed, message in checks:
         if failed:
             p.error(message)
@@ -369,7 +385,8 @@ def parse_settings(argv=None) -> RunSettings:
                        max_length=a.max_length or 0, limit=a.limit if a.limit is not None else -1, quick=quick,
                        query=a.query, tasks=tuple(dict.fromkeys(a.tasks)), ids=tuple(a.ids), plans=tuple(a.plan),
                        model=a.model, data_dir=Path(a.data_dir) if a.data_dir else None, out=a.out,
-                       ruler_seed=a.ruler_seed, batch=a.batch, device=a.device, dtype=a.dtype)
+                       ruler_seed=a.ruler_seed, haystack=a.haystack, batch=a.batch, device=a.device, dtype=a.dtype,
+                       qa_files=tuple((t, f) for t, f in (("qa_1", a.squad), ("qa_2", a.hotpotqa)) if f))
 
 
 def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSettings, str]:
@@ -381,6 +398,9 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
         if data_dir is None and s.benchmark == "longbench":
             raise ValueError(f"no LongBench folder: {note}")
         s = replace(s, benchmark="longbench" if data_dir else "ruler", data_dir=data_dir)
+        if data_dir and (s.haystack or s.qa_files):
+            raise ValueError(f"--haystack, --squad and --hotpotqa are RULER's, and LongBench was found ({data_dir}): "
+                             "add --benchmark ruler")
     given = load_given_plans(s, model_dir, cfg)
     methods = s.methods or tuple(dict.fromkeys([m for m in K.DEFAULT_METHODS if m not in K.PLAN_METHODS or not given]
                                                + [p.name for p in given]))
@@ -394,6 +414,11 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
     return s, note
 
 
+def haystacks(samples: list[dict]) -> list[str]:
+    """What RULER's samples were built from (noise, needles, words, a named prose or QA file)."""
+    return sorted({x["haystack"] for x in samples if x.get("haystack")})
+
+
 def announce(s: RunSettings, samples: list, runs: list, n_excluded: int, note: str, out: Path) -> None:
     """The run's first line: which mode, what data, how much work (and why, if the data changed)."""
     if s.quick:
@@ -403,7 +428,8 @@ def announce(s: RunSettings, samples: list, runs: list, n_excluded: int, note: s
                 f"new tokens each" if skipped else "") + "; --limit, --tasks or --ids choose the scale)")
     else:
         mode = "chosen ids" if s.ids else f"{s.limit or 'all'} per task"
-    length = f"prompts cut to {s.max_length} tokens" if s.benchmark == "longbench" else f"{s.max_length}-token prompts"
+    length = f"prompts cut to {s.max_length} tokens" if s.benchmark == "longbench" else \
+        f"{s.max_length}-token prompts, haystacks: {', '.join(haystacks(samples))}"
     print(f"{s.benchmark}, query-{s.query}, {mode}, {length}: {len(samples)} samples ({n_excluded} calibration samples "
           f"excluded) x {len(runs)} method-budget runs -> {out}" + (f"\n{note}" if note else ""), flush=True)
 
@@ -442,7 +468,8 @@ def main(argv=None) -> int:
         header = {"benchmark": s.benchmark, "query": s.query, "model": config["model"], "data": config["data_id"],
                   "max_length": s.max_length, "dtype": s.dtype, "settings": config["settings"],
                   "excluded_calibration_samples": n_excluded, "fuzzy_backend": LB.FUZZ_BACKEND,
-                  "limit": "chosen ids" if s.ids else f"{s.limit} per task" if s.limit else "all"}
+                  "limit": "chosen ids" if s.ids else f"{s.limit} per task" if s.limit else "all",
+                  **({"haystacks": haystacks(samples)} if s.benchmark == "ruler" else {})}
         metrics = report.write_report(out, samples, runs, header, (R if s.benchmark == "ruler" else LB).sample_scores)
         print(report.markdown(metrics) + f"wrote {out}/metrics.json, results.md, scores.png, predictions.jsonl")
     if dist_on():

@@ -15,15 +15,20 @@ first, as in RULER) plus an answer prefix; the prompt is chat-wrap(text) + answe
 
 Offline, six standard tasks need no data (OFFLINE_TASKS). The essay tasks need prose (RULER uses
 Paul Graham's essays): pass any text file as `haystack_file`. The `*_noise` tasks are a labelled
-VARIANT, not standard RULER: the essay tasks' arguments on the noise haystack. QA (qa_1, qa_2) is
-not generated here. Where this file departs from RULER's scripts, on purpose:
+VARIANT, not standard RULER: the essay tasks' arguments on the noise haystack. QA needs its data:
+qa_1 SQuAD v2's dev JSON, qa_2 HotpotQA's distractor dev JSON (`qa_file`). Where this file departs
+from RULER's scripts, on purpose:
 - one random.Random per sample, seeded by (seed, task, index), also shuffles the needles and the
   word lists (RULER reuses one fixed-seed shuffle for every sample);
 - the haystack size is searched per sample, from the first sample's size (RULER searches once,
   then shrinks a sample that overflows); fwe follows the same length rule as the other tasks
   (RULER fills its prompt to max_seq_length, leaving no room for the answer);
 - essays are split into sentences after . ! ? (RULER uses nltk's Punkt);
-- cwe draws from wonderwords' 8166 words only (beyond ~100k tokens RULER adds another word list).
+- cwe draws from wonderwords' 8166 words only (beyond ~100k tokens RULER adds another word list);
+- QA asks the questions in a seeded order, evaluation seeds from the even-numbered questions and
+  calibration seeds (CALIBRATION_SEED on) from the odd-numbered ones, so the two never share a
+  question (RULER asks them in file order); its length, like every task's, counts the model's
+  tokens (RULER counts whitespace-separated words for QA).
 """
 import itertools
 import json
@@ -100,7 +105,8 @@ ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiv
 # VARIANT, not standard RULER: the essay tasks on the noise haystack (no data needed); niah_single_2 is left
 # out, since on the noise haystack it is niah_single_1
 NOISE_VARIANTS = {f"{t}_noise": {**TASKS[t], "type_haystack": "noise"} for t in ESSAY_TASKS if t != "niah_single_2"}
-ALL_TASKS = OFFLINE_TASKS + tuple(NOISE_VARIANTS)  # plus ESSAY_TASKS when a prose file is given
+QA_TASKS = ("qa_1", "qa_2")
+ALL_TASKS = OFFLINE_TASKS + tuple(NOISE_VARIANTS)  # plus ESSAY_TASKS given a prose file, QA_TASKS given their data
 DEFAULT_TASKS = OFFLINE_TASKS  # what an evaluation or a RULER calibration runs unless told otherwise
 CALIBRATION_SEED = 1000  # calibration generates from seeds 1000+; evaluation's default seed is 0
 MAX_NEW_TOKENS = {t: TEMPLATES[c["task"]]["tokens_to_generate"] for t, c in {**TASKS, **NOISE_VARIANTS}.items()}
@@ -196,6 +202,33 @@ def read_prose(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: no words to build a haystack from")
     return words
 
+
+@lru_cache(maxsize=4)
+def read_qa(path: str | Path, dataset: str) -> tuple[list[dict], list[str]]:
+    """(questions, documents) of SQuAD (v2 dev JSON) or HotpotQA (distractor dev JSON), as RULER reads
+    them. Documents: SQuAD's paragraphs, HotpotQA's "title\ntext" paragraphs, deduplicated and sorted.
+    A question: its text, its answers, its gold documents and (SQuAD) its article's other paragraphs."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if dataset == "squad":
+            paragraphs = [(p, [q for q in p["qas"] if not q.get("is_impossible")], [x["context"] for x in d["paragraphs"]])
+                          for d in data["data"] for p in d["paragraphs"]]
+            docs = sorted({p["context"] for p, _, _ in paragraphs})
+            index = {doc: i for i, doc in enumerate(docs)}
+            questions = [{"query": q["question"], "answers": [a["text"] for a in q["answers"]], "gold": [index[p["context"]]],
+                          "more": [index[c] for c in article if c != p["context"]]} for p, qs, article in paragraphs for q in qs]
+        else:
+            as_doc = lambda title, sentences: f"{title}\n{''.join(sentences)}"  # noqa: E731
+            docs = sorted({as_doc(*c) for d in data for c in d["context"]})
+            index = {doc: i for i, doc in enumerate(docs)}
+            questions = [{"query": d["question"], "answers": [d["answer"]], "gold": [index[as_doc(*c)] for c in d["context"]],
+                          "more": []} for d in data]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a {dataset} file ({type(e).__name__}: {e})") from None
+    if not questions:
+        raise ValueError(f"{path}: no answerable questions")
+    return questions, docs
+
 # ----------------------------------------------------------------------------- tasks: one sample at a haystack size
 
 def _niah_sample(rng: random.Random, size: int, config: dict, essay: list[str] | None = None) -> dict:
@@ -225,6 +258,21 @@ def _niah_sample(rng: random.Random, size: int, config: dict, essay: list[str] |
     text, end = _fill(template, context, type_needle_v=kind_v, query=query)
     return {"input": text, "context_end": end, "answer_prefix": prefix.format(type_needle_v=kind_v, query=query),
             "answers": [v for i in queried for v in values[i]]}
+
+
+def _qa_sample(rng: random.Random, size: int, config: dict, question: dict, docs: list[str]) -> dict:
+    """`size` documents: the question's gold ones, then its article's other paragraphs, then random
+    others, shuffled and numbered 'Document i:'; the answer is any of the question's answers."""
+    chosen, more = list(question["gold"]), list(question["more"])
+    if size - len(chosen) <= len(more):
+        chosen += rng.sample(more, size - len(chosen))
+    else:
+        taken = set(chosen + more)
+        chosen += more + rng.sample([i for i in range(len(docs)) if i not in taken], size - len(chosen) - len(more))
+    rng.shuffle(chosen)
+    context = "\n\n".join(f"Document {i}:\n{docs[d]}" for i, d in enumerate(chosen, 1))
+    text, end = _fill(TEMPLATES["qa"]["template"], context, query=question["query"])
+    return {"input": text, "context_end": end, "answer_prefix": TEMPLATES["qa"]["answer_prefix"], "answers": question["answers"]}
 
 
 def _vt_sample(rng: random.Random, size: int, config: dict, example: str = "", letters: int = 5) -> dict:
@@ -338,6 +386,19 @@ def largest_fitting(build, fits, low: int, high: int, start: int) -> tuple[dict,
     return samples[good], good
 
 
+def qa_questions(task: str, n: int, seed: int, qa_file) -> tuple[list[dict], list[str]]:
+    """The n questions a QA run asks, and the documents: a seeded order over the even-numbered questions
+    for evaluation seeds, the odd-numbered ones for calibration seeds (they never share a question)."""
+    if qa_file is None:
+        raise ValueError(f"{task}: RULER's QA needs its data (qa_file=...): SQuAD v2's dev JSON for qa_1, "
+                         "HotpotQA's distractor dev JSON for qa_2")
+    questions, docs = read_qa(str(qa_file), TASKS[task]["dataset"])
+    pool = questions[int(seed >= CALIBRATION_SEED)::2]
+    if n > len(pool):
+        raise ValueError(f"{qa_file}: {n} samples asked, {len(pool)} questions available to this seed")
+    return random.Random(f"{seed}/{task}/questions").sample(pool, n), docs
+
+
 def _task_builder(task: str, config: dict, max_seq_length: int, haystack_file) -> tuple:
     """How to build the task's sample at a haystack size: (builder, smallest size, haystack label)."""
     family = config["task"]
@@ -355,16 +416,22 @@ def _task_builder(task: str, config: dict, max_seq_length: int, haystack_file) -
         return partial(_cwe_sample, short=max_seq_length < 4096), config["num_cw"], "words"
     if family == "freq_words_extraction":
         return _fwe_sample, 1, "words"
-    raise ValueError(f"{task}: the QA tasks need SQuAD / HotpotQA and are not generated here")
+    if family == "qa":  # the builder takes its question per sample (generate)
+        return _qa_sample, 1, f"{config['dataset']}:{Path(haystack_file).name}" if haystack_file else config["dataset"]
+    raise ValueError(f"{task}: unknown task family {family!r}")
 
 
 def generate(task: str, n: int, tokenizer, max_seq_length: int = 4096, seed: int = 0,
-             haystack_file: str | Path | None = None) -> list[dict]:
+             haystack_file: str | Path | None = None, qa_file: str | Path | None = None) -> list[dict]:
     """n samples of a task, each filled to max_seq_length with this tokenizer; deterministic per
-    (task, seed, index, max_seq_length, tokenizer)."""
+    (task, seed, index, max_seq_length, tokenizer). haystack_file: prose for the essay tasks;
+    qa_file: the QA task's dataset."""
     config = task_config(task)
-    build, low, haystack = _task_builder(task, config, max_seq_length, haystack_file)
+    build, low, haystack = _task_builder(task, config, max_seq_length, qa_file if config["task"] == "qa" else haystack_file)
     high = len(_cwe_words()) if config["task"] == "common_words_extraction" else 10 ** 7
+    if config["task"] == "qa":
+        questions, docs = qa_questions(task, n, seed, qa_file)
+        high = len(docs)
     tokens = MAX_NEW_TOKENS[task]
     fits = lambda s: len(prompt_ids(tokenizer, s)[0]) + tokens <= max_seq_length  # noqa: E731
     samples, start = [], low
@@ -372,6 +439,8 @@ def generate(task: str, n: int, tokenizer, max_seq_length: int = 4096, seed: int
         name = f"{seed}/{task}/{index}"
         if config["task"] == "variable_tracking":
             build = partial(_vt_sample, example=_vt_example(name + "/example", config, tokenizer))
+        if config["task"] == "qa":
+            build, low = partial(_qa_sample, question=questions[index], docs=docs), len(questions[index]["gold"])
 
         def at_size(s: int, build=build, name=name) -> dict:  # a fresh generator per try: only the size changes
             return build(random.Random(name), s, config)

@@ -388,3 +388,33 @@ def test_quick_default_skips_long_generation_tasks(ckpt, data, tmp_path, monkeyp
     assert "quick default run (1 per task, skipping hotpotqa" in first
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["trec"] and metrics["n_samples"] == E.QUICK["longbench"]
+
+
+def test_ruler_essay_and_qa_tasks_run_on_the_files_given_and_say_which(ckpt, tmp_path, capsys):
+    import test_ruler as TR
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(f"Sentence number {i} ends here." for i in range(300)))
+    squad = TR.squad_file(tmp_path / "squad.json")
+    out = tmp_path / "ruler"
+    argv = ["--model", str(ckpt), "--benchmark", "ruler", "--out", str(out), "--max-length", "900", "--limit", "1",
+            "--methods", "knorm", "--budget", "40", "--haystack", str(prose), "--squad", str(squad)]
+    assert E.main(argv + ["--tasks", "niah_single_2", "qa_1"]) == 0
+    assert "haystacks: essay:prose.txt, squad:squad.json" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["niah_single_2", "qa_1"] and metrics["haystacks"] == ["essay:prose.txt", "squad:squad.json"]
+    data_id = json.loads((out / "run.json").read_text())["data_id"]
+    assert data_id.startswith("ruler-seed0+essay-") and "+qa_1-" in data_id
+    squad.write_text(squad.read_text().replace("capital", "Capital"))  # other QA data: refused in this folder
+    assert E.main(argv + ["--tasks", "qa_1"]) == 2 and "different data_id" in capsys.readouterr().err
+    assert E.main(argv[:-4] + ["--tasks", "qa_2"]) == 2  # without its data
+    assert "qa_2 with --hotpotqa" in capsys.readouterr().err
+
+
+def test_ruler_data_flags_are_checked_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        E.parse_settings(["--benchmark", "ruler", "--squad", str(tmp_path / "missing.json")])
+    assert f"--squad {tmp_path / 'missing.json'}: no such file" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("words")
+    with pytest.raises(SystemExit):
+        E.parse_settings(["--benchmark", "longbench", "--haystack", str(tmp_path / "p.txt")])
+    assert "are RULER's" in capsys.readouterr().err

@@ -342,3 +342,88 @@ def test_random_items():
     assert re.fullmatch(uuid4, R.random_item(rng, "uuids"))
     with pytest.raises(ValueError, match="needle type"):
         R.random_item(rng, "colors")
+
+
+# ----------------------------------------------------------------------------- QA, on data built here
+
+def squad_file(path: Path) -> Path:
+    """A SQuAD-v2-shaped file: 20 articles x 3 paragraphs, each with one answerable and one impossible question."""
+    articles = []
+    for a in range(20):
+        paragraphs = []
+        for p in range(3):
+            fact = f"city{a}x{p}"
+            context = f"Article {a} paragraph {p}. " + " ".join(f"filler{a}w{k}" for k in range(30)) + f" The capital is {fact}."
+            paragraphs.append({"context": context, "qas": [
+                {"question": f"What is the capital in article {a} paragraph {p}?", "is_impossible": False,
+                 "answers": [{"text": fact}, {"text": fact.upper()}]},
+                {"question": "Unanswerable?", "is_impossible": True, "answers": []}]})
+        articles.append({"title": f"t{a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": articles}))
+    return path
+
+
+def hotpot_file(path: Path) -> Path:
+    """A HotpotQA-shaped file: 30 questions, each with 4 context paragraphs [title, sentences]."""
+    rows = [{"question": f"Who founded firm {q}?", "answer": f"founder{q}",
+             "context": [[f"Title{q}_{c}", [f"Sentence {q} {c} a. ", f"Founder{q} and more {c}."]] for c in range(4)]}
+            for q in range(30)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def documents_of(sample: dict) -> list[str]:
+    context = context_of(sample, "The following are given documents.\n\n")
+    parts = re.split(r"(?:^|\n\n)Document (\d+):\n", context)
+    assert parts[0] == "" and [int(n) for n in parts[1::2]] == list(range(1, len(parts) // 2 + 1))
+    return parts[2::2]
+
+
+def test_squad_qa_holds_its_gold_paragraph_and_fills_the_length(tok, tmp_path):
+    path = squad_file(tmp_path / "dev-v2.0.json")
+    questions, docs = R.read_qa(str(path), "squad")
+    assert len(questions) == 60 and len(docs) == 60  # impossible questions left out; paragraphs deduplicated
+    samples = R.generate("qa_1", 4, tok, 1024, qa_file=path)
+    assert samples == R.generate("qa_1", 4, tok, 1024, qa_file=path)
+    for s in samples:
+        a, p = map(int, re.search(r"article (\d+) paragraph (\d+)\?", s["input"]).groups())
+        gold = next(d for d in docs if d.startswith(f"Article {a} paragraph {p}."))
+        in_context = documents_of(s)
+        assert in_context.count(gold) == 1 and len(set(in_context)) == len(in_context)
+        # the article's other paragraphs come first among the distractors (RULER's 'more_context')
+        assert all(any(d.startswith(f"Article {a} paragraph {o}.") for d in in_context) for o in range(3))
+        assert s["answers"] == [f"city{a}x{p}", f"CITY{a}X{p}"] and s["answer_prefix"] == " Answer:"
+        assert s["haystack"] == "squad:dev-v2.0.json" and s["max_new_tokens"] == 32
+        one_more = max(len(tok.encode(f"\n\nDocument 99:\n{d}", add_special_tokens=False).ids) for d in docs)
+        assert s["length"] + 32 <= 1024 < s["length"] + 32 + one_more  # one more document would not fit
+        assert R.sample_scores("qa_1", [f"It is {s['answers'][1].lower()}"], [s["answers"]]) == [100.0]
+
+
+def test_qa_evaluation_and_calibration_seeds_never_share_a_question(tok, tmp_path):
+    path = squad_file(tmp_path / "squad.json")
+    asked = lambda seed: {re.search(r"Question: (.*)$", s["input"]).group(1)  # noqa: E731
+                          for s in R.generate("qa_1", 10, tok, 512, seed=seed, qa_file=path)}
+    evaluation, calibration = asked(0) | asked(1), asked(R.CALIBRATION_SEED)
+    assert len(calibration) == 10 and not evaluation & calibration
+    with pytest.raises(ValueError, match="31 samples asked, 30 questions available"):
+        R.generate("qa_1", 31, tok, 512, qa_file=path)
+
+
+def test_hotpotqa_keeps_every_context_paragraph_of_its_question(tok, tmp_path):
+    path = hotpot_file(tmp_path / "hotpot_dev_distractor_v1.json")
+    for s in R.generate("qa_2", 3, tok, 1024, qa_file=path):
+        q = int(re.search(r"firm (\d+)\?", s["input"]).group(1))
+        in_context = documents_of(s)
+        assert [d for d in in_context if d.startswith(f"Title{q}_")] != []
+        assert sorted(d for d in in_context if d.startswith(f"Title{q}_")) == [
+            f"Title{q}_{c}\nSentence {q} {c} a. Founder{q} and more {c}." for c in range(4)]
+        assert s["answers"] == [f"founder{q}"] and len(in_context) > 4
+
+
+def test_qa_without_or_with_bad_data_names_the_problem(tok, tmp_path):
+    with pytest.raises(ValueError, match="qa_1: RULER's QA needs its data"):
+        R.generate("qa_1", 1, tok, 1024)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [{"no": 1}]}')
+    with pytest.raises(ValueError, match=f"{bad}: not a squad file"):
+        R.generate("qa_1", 1, tok, 1024, qa_file=bad)

@@ -75,3 +75,13 @@ def test_no_pointers_outside_the_repository():
         text = path.read_text()
         for needle in ("../shared", "DESIGN.md", "Issue ", "issue #"):
             assert needle not in text, f"{path.name} mentions {needle!r}"
+
+
+@pytest.mark.parametrize("name", ["calibrate.py", "longbench_eval.py", "run_settings.py", "report.py"])
+def test_the_top_floors_read_in_one_sitting(name):
+    """The calibration and the evaluation: each file about 400 lines at most, no function over about 40."""
+    text = (ROOT / name).read_text()
+    assert len(text.splitlines()) <= 430
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(ast.parse(text))
+            if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 42]
+    assert not long, f"{name}: {long}"

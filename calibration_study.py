@@ -256,7 +256,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", required=True, help="LongBench folder")
     p.add_argument("--out", type=Path, default=None, help="study folder (with --head-routing: the plan folder)")
     p.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--sizes", type=int, nargs="*", default=[16, 32, 64, 128],
+                   help="learning-curve draws (none: only the --family draws)")
     p.add_argument("--extra-sizes", type=int, nargs="*", default=[16, 32],
                    help="sizes that also get the other order and the search (their cost grows with n)")
     p.add_argument("--n-validation", type=int, default=C.CalibrationSettings().n_validation)

@@ -97,7 +97,8 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 if key in rows:
                     continue
                 t0 = time.perf_counter()
-                arm_cs = replace(cs, refine=True) if arm == "refined" else replace(cs, order=arm)
+                # the search starts from the routing-first plan, as it did for the first rows
+                arm_cs = replace(cs, refine=True, order="route-allocate") if arm == "refined" else replace(cs, order=arm)
                 plans = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)
                 table = next(iter(plans.values()))["calibration"]
                 plans["uniform"] = {"policies": [table["best_uniform"]] * n, "budgets": [budget] * n,

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoint as CK  # noqa: E402
 import ruler as R  # noqa: E402
+import ruler_tasks as RT  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "ruler" / "tasks.json"
 NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (.+?) is: ([0-9a-f-]+)\.")
@@ -75,7 +76,7 @@ def test_niah_answers_are_the_queried_needles(suite, task):
         haystack = config["type_haystack"]
         assert s["haystack"] == haystack
         if haystack == "noise":  # noise lines, and the task's needles
-            assert all(line == R.NOISE_SENTENCE for line, n in zip(lines, needles) if n is None)
+            assert all(line == RT.NOISE_SENTENCE for line, n in zip(lines, needles) if n is None)
             needles = [n for n in needles if n is not None]
             assert len(needles) == max(config["num_needle_k"], config["num_needle_q"]) * n_values
         else:  # every line is a needle: the task's and distractors
@@ -94,7 +95,7 @@ def test_niah_answers_are_the_queried_needles(suite, task):
 
 
 def test_niah_key_types(suite):
-    adjectives, nouns = set(R.wordlist("adjective")), set(R.wordlist("noun"))
+    adjectives, nouns = set(RT.wordlist("adjective")), set(RT.wordlist("noun"))
     for s in suite["niah_single_1"] + suite["niah_multikey_2"]:
         for key in (m.group(2) for m in NEEDLE_RE.finditer(s["input"])):
             assert any(key[:i] in adjectives and key[i + 1:] in nouns for i in range(len(key)) if key[i] == "-")
@@ -105,15 +106,15 @@ def test_niah_key_types(suite):
 def test_word_keys_are_distinct_pairs():
     """Why one uniform pair is a uniform draw from RULER's deduplicated list: two pairs give one string
     only if adjective a2 = a + '-' + x and noun n = x + '-' + n2 (so a-n = a2-n2). There is none."""
-    adjectives, nouns = set(R.wordlist("adjective")), set(R.wordlist("noun"))
+    adjectives, nouns = set(RT.wordlist("adjective")), set(RT.wordlist("noun"))
     extensions = [b[len(a) + 1:] for a in adjectives for b in adjectives if b.startswith(a + "-")]
     assert sorted(extensions) == ["eyed", "eyed", "fashioned", "pitched", "tiny"]  # blue-eyed, ...
     assert not any(n.startswith(x + "-") and n[len(x) + 1:] in nouns for x in extensions for n in nouns)
-    adjs, nouns = R._adjectives_nouns()
-    assert (len(adjs), len(nouns)) == (len(adjectives), len(set(R.wordlist("noun"))))
+    adjs, nouns = RT._adjectives_nouns()
+    assert (len(adjs), len(nouns)) == (len(adjectives), len(set(RT.wordlist("noun"))))
     wonderwords = pytest.importorskip("wonderwords")
     for kind in ("noun", "adjective", "verb"):  # read as wonderwords (and RULER) read them
-        assert list(R.wordlist(kind)) == wonderwords.random_word._get_words_from_text_file(f"{kind}list.txt")
+        assert list(RT.wordlist(kind)) == wonderwords.random_word._get_words_from_text_file(f"{kind}list.txt")
 
 
 def test_essay_haystack_from_a_prose_file(tok, tmp_path):
@@ -131,7 +132,7 @@ def test_essay_haystack_from_a_prose_file(tok, tmp_path):
         assert [w.rstrip(".") for w in text_words] == [words[i % 100] for i in range(len(text_words))]
         # the 4 needles sit after sentence int(n * depth / 100) for depths in DEPTHS (n: sentences, the last cut)
         n_sentences = -(-len(text_words) // 2)
-        depths = {int(n_sentences * (d / 100)) for d in R.DEPTHS}
+        depths = {int(n_sentences * (d / 100)) for d in RT.DEPTHS}
         needles = list(NEEDLE_RE.finditer(context))
         assert len(needles) == 4
         for needle in needles:
@@ -141,7 +142,7 @@ def test_essay_haystack_from_a_prose_file(tok, tmp_path):
 
 def test_depths_are_rulers():
     np = pytest.importorskip("numpy")
-    assert R.DEPTHS == np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()
+    assert RT.DEPTHS == np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()
 
 
 # ----------------------------------------------------------------------------- 3. vt
@@ -169,7 +170,7 @@ def test_vt_chain_resolves_to_the_answer(suite):
         lines = context.split("\n")
         chain = [next(i for i, line in enumerate(lines) if line.startswith(f"VAR {name} = ")) for name in s["answers"]]
         assert chain == sorted(chain)  # statements in the chain's order
-        assert sum(line == R.NOISE_SENTENCE for line in lines) == len(lines) - 5
+        assert sum(line == RT.NOISE_SENTENCE for line in lines) == len(lines) - 5
         # the example is solved: its listed names are exactly its chain's
         shown_value = re.search(r"assigned the value (\d{5}) in the text above\.", example).group(1)
         listed = example.split("they are:  ")[1].split()
@@ -210,15 +211,15 @@ def test_fwe_answers_are_the_most_frequent_coded_words(suite):
         assert ranked[3][1] > ranked[4][1]  # the third answer is strictly more frequent than the rest
         assert all(re.fullmatch(r"[a-z]{6}", w) for w, _ in ranked[1:])
         # the counts are exactly int(N k^-2 / zeta(2)) for rank k, for one N
-        norm = R.zeta(2.0)
+        norm = RT.zeta(2.0)
         zipf = lambda n: [c for c in (int(n * k ** -2.0 / norm) for k in range(1, 2001)) if c]  # noqa: E731
         candidates = range(int(ranked[0][1] * norm), int((ranked[0][1] + 1) * norm) + 1)
         assert any(zipf(n) == [c for _, c in ranked] for n in candidates)
 
 
 def test_zeta():
-    assert R.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-14)
-    assert R.zeta(3.0) == pytest.approx(1.2020569031595942, rel=1e-14)
+    assert RT.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-14)
+    assert RT.zeta(3.0) == pytest.approx(1.2020569031595942, rel=1e-14)
 
 
 # ----------------------------------------------------------------------------- 5. lengths
@@ -315,8 +316,8 @@ def test_constants_match_the_protocol_transcription():
     spec = json.loads(SPEC.read_text(encoding="utf-8"))
     assert R.TEMPLATES == spec["templates"]
     assert R.TASKS == spec["tasks"] and list(R.TASKS) == list(spec["tasks"])
-    assert R.NEEDLE == spec["needle"]
-    assert R.NOISE_SENTENCE == spec["noise_haystack_sentence"]
+    assert RT.NEEDLE == spec["needle"]
+    assert RT.NOISE_SENTENCE == spec["noise_haystack_sentence"]
 
 
 def test_task_lists():
@@ -337,11 +338,11 @@ def test_task_lists():
 
 def test_random_items():
     rng = random.Random(0)
-    assert re.fullmatch(r"[1-9]\d{6}", R.random_item(rng, "numbers"))
+    assert re.fullmatch(r"[1-9]\d{6}", RT.random_item(rng, "numbers"))
     uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-    assert re.fullmatch(uuid4, R.random_item(rng, "uuids"))
+    assert re.fullmatch(uuid4, RT.random_item(rng, "uuids"))
     with pytest.raises(ValueError, match="needle type"):
-        R.random_item(rng, "colors")
+        RT.random_item(rng, "colors")
 
 
 # ----------------------------------------------------------------------------- QA, on data built here

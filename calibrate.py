@@ -40,6 +40,7 @@ import model as M
 import polykv as K
 import policies as P
 import report
+import ruler as R
 
 ROOT = Path(__file__).resolve().parent
 
@@ -292,7 +293,7 @@ def build_references(model, tokenizer, model_dir, samples: list[dict], cs: Calib
     stop_ids = CK.stop_token_ids(model_dir, tokenizer)
     refs = []
     for s in tqdm(samples, desc=desc):
-        ids, _ = LB.prompt_ids(tokenizer, s, cs.max_length)
+        ids, _ = (R if "answer_prefix" in s else LB).prompt_ids(tokenizer, s, cs.max_length)  # RULER's carry one
         refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window))
     return refs
 
@@ -303,7 +304,6 @@ def calibration_sets(tokenizer, cs: CalibrationSettings, data_dir: Path | None) 
     if data_dir is not None:
         pool, data = LB.calibration_pool(LB.load_samples(data_dir)), LB.data_id(data_dir)
     else:
-        import ruler as R
         k = -(-(cs.n_samples + cs.n_validation) // len(R.DEFAULT_TASKS))  # per task, rounded up
         pool = {t: R.generate(t, k, tokenizer, cs.max_length, seed=R.CALIBRATION_SEED + cs.seed) for t in R.DEFAULT_TASKS}
         data = f"ruler-{cs.max_length}"
@@ -374,6 +374,8 @@ def parse_args(argv):
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
+    p.add_argument("--tova-agg", choices=P.AGGREGATIONS, default=P.Settings().tova_agg,
+                   help="TOVA's head aggregation in the plans (e.g. 'mean' to match plans made with it)")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
@@ -385,7 +387,7 @@ def main(argv=None) -> None:
         return
     cs = CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
     budgets = sorted(set(args.budgets))
-    settings = P.Settings()
+    settings = P.Settings(tova_agg=args.tova_agg)
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
                          "which every layer keeps")

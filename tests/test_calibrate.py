@@ -239,3 +239,19 @@ def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
                           [["--out", "/proc/polykv-plans"], "not writable"]):
         with pytest.raises(ValueError, match=message):
             C.main(argv)
+
+
+def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint, tmp_path):
+    """RULER samples build their own prompts (chat-wrapped task + answer prefix), from calibration seeds."""
+    import ruler as R
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=3, n_validation=3, max_length=1024, n_continuation=4)
+    paths = C.run(model, tokenizer, tiny_checkpoint, [64], tmp_path, cs, P.Settings(tova_agg="mean"), None)
+    plan = K.load_plan(paths[64]["polykv"], n_layers=2)
+    ids = plan.info["calibration_ids"] + plan.info["validation_ids"]
+    assert plan.info["data"] == "ruler-1024" and plan.settings.tova_agg == "mean" and len(set(ids)) == 6
+    assert all(i.startswith("ruler_") and f"_s{R.CALIBRATION_SEED}_" in i for i in ids)
+    sample = next(s for t in R.DEFAULT_TASKS for s in R.generate(t, 1, tokenizer, 1024, seed=R.CALIBRATION_SEED)
+                  if s["_id"] == ids[0])
+    ref = C.build_references(model, tokenizer, tiny_checkpoint, [sample], cs, P.Settings(), "x")[0]
+    assert ref.cache.lengths[0] == len(R.prompt_ids(tokenizer, sample)[0]) > 900  # RULER's prompt, filled to the length

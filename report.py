@@ -374,8 +374,11 @@ def budget_table(metrics: dict, b: int) -> list[str]:
 
 
 def markdown(metrics: dict) -> str:
-    lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, prompts truncated to "
-             f"{metrics['max_length']} tokens, {metrics['excluded_calibration_samples']} calibration samples excluded. "
+    length = (f"query-{metrics.get('query', 'aware')}, {metrics['max_length']} tokens of prompt + generation"
+              + (f" (haystacks: {', '.join(metrics['haystacks'])})" if metrics.get("haystacks") else "")
+              if metrics.get("benchmark") == "ruler" else f"prompts truncated to {metrics['max_length']} tokens")
+    lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, {length}, "
+             f"{metrics['excluded_calibration_samples']} calibration samples excluded. "
              "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
              f"tf agree / tf KL: fed FullKV's output (first {TF_TOKENS} tokens), share of next tokens predicted as "
              "FullKV does / mean KL(FullKV || method)."]

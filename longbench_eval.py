@@ -36,6 +36,7 @@ import model as M
 import policies as P
 import polykv as K
 import report
+import run_folder as RF
 import ruler as R
 from run_settings import MAX_LENGTH, QUICK, QUICK_MAX_NEW, RunSettings, parse_settings
 
@@ -204,7 +205,7 @@ def evaluate_sample(model, tokenizer, sample: dict, runs: list[tuple], stops: li
             out = out[:-1] if out and out[-1] in stop_ids else out
             full_tokens = out if plan is None else full_tokens
             write({"id": sample["_id"], "task": sample["dataset"], "method": method, "budget": budget,
-                   "plan": report.plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out, **fid,
+                   "plan": RF.plan_fingerprint(plan), "prediction": tokenizer.decode(out), "tokens": out, **fid,
                    "n_prompt_tokens": len(ids), "kv_bytes": kv, "seconds": round(seconds, 4),
                    "prefill_seconds": round(prefill_s, 4)})
 
@@ -247,18 +248,18 @@ def run_samples(model, tokenizer, model_dir: Path, samples: list[dict], runs: li
                 out: Path) -> None:
     """This rank's samples, resuming: a run already in the folder's records is not redone."""
     rank, world = rank_world()
-    done = report.read_records(out)
+    done = RF.read_records(out)
     mine = samples[rank::world]
     bench = R if s.benchmark == "ruler" else LB
     stops = CK.stop_token_ids(model_dir, tokenizer)
-    f, write = report.open_writer(out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl"))
+    f, write = RF.open_writer(out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl"))
     bar = tqdm(total=len(mine) * len(runs), desc="samples x methods", disable=rank != 0)
     with f, bar:
         for sample in mine:
-            pending = [r for r in runs if report.run_key(sample["_id"], r[0], r[1], report.plan_fingerprint(r[2])) not in done]
+            pending = [r for r in runs if RF.run_key(sample["_id"], r[0], r[1], RF.plan_fingerprint(r[2])) not in done]
             bar.update(len(runs) - len(pending))
             if pending:
-                full = done.get(report.run_key(sample["_id"], "fullkv", None, None), {}).get("tokens")
+                full = done.get(RF.run_key(sample["_id"], "fullkv", None, None), {}).get("tokens")
                 evaluate_sample(model, tokenizer, sample, pending, stops, s, bench,
                                 lambda r: (write(r), bar.update(1)), full)
 
@@ -360,8 +361,8 @@ def main(argv=None) -> int:
         config = run_config(s, model_dir, runs)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            report.take_lock(out)
-            report.check_run_config(out, config)
+            RF.take_lock(out)
+            RF.check_run_config(out, config)
         model = CK.load_model(model_dir, s.device, getattr(torch, s.dtype))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

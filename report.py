@@ -9,17 +9,14 @@ Nothing here runs a model: every figure is recomputed from what the runs wrote.
 """
 from __future__ import annotations
 
-import atexit
-import hashlib
 import json
-import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-import polykv as K
 import policies as P
+import polykv as K
+from run_folder import atomic_write, plan_fingerprint, read_records, run_key
 
 TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output (the runner feeds them)
 BOOTSTRAP_RESAMPLES = 2000
@@ -75,100 +72,6 @@ def plot_plan(plan: K.Plan, sensitivity: list[float] | None, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- records: what the runner writes
-
-
-def plan_fingerprint(plan: K.Plan | None) -> str | None:
-    """Identifies what a method kept: a changed plan is a different run (None for FullKV)."""
-    return None if plan is None else hashlib.sha256(json.dumps([plan.policies, plan.budgets]).encode()).hexdigest()[:12]
-
-
-def run_key(sample_id: str, method: str, budget, fingerprint: str | None) -> str:
-    return f"{sample_id}\t{method}\t{budget}\t{fingerprint}"
-
-
-def read_records(out: Path) -> dict[str, dict]:
-    """Every finished run in predictions*.jsonl; a line that is not a whole record (a run killed
-    mid-write leaves a torn one) is skipped, and that run is redone."""
-    records = {}
-    for path in sorted(Path(out).glob("predictions*.jsonl")):
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-                records[run_key(r["id"], r["method"], r["budget"], r.get("plan"))] = r
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return records
-
-
-def open_writer(path: Path):
-    """(file, write): write(record) appends one line and fsyncs it, so a crash loses at most that line."""
-    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    f = open(path, "a", encoding="utf-8")
-    if torn:  # a run killed mid-write left half a line: end it, so new records start clean
-        f.write("\n")
-
-    def write(record: dict) -> None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return f, write
-
-
-def take_lock(out: Path) -> Path:
-    """Hold out/.lock for this process, so a second run into the same folder (which would replace
-    predictions.jsonl under the first one) is refused, naming the folder and the other process. A lock
-    left by a process that no longer runs is taken over. Released with release_lock (or at exit)."""
-    path = Path(out) / ".lock"
-    holder = path.read_text().strip() if path.is_file() else ""
-    if holder.isdigit() and int(holder) != os.getpid() and alive(int(holder)):
-        raise ValueError(f"{out} is in use by another run (pid {holder}, lock file {path}); wait for it to finish "
-                         "or use another --out")
-    tmp = path.with_name(f".lock.tmp{os.getpid()}")
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, path)  # two takeovers at once: the last one wins, the other sees it below
-    if path.read_text().strip() != str(os.getpid()):
-        raise ValueError(f"{out} was just taken by another run (pid {path.read_text().strip()}); use another --out")
-    atexit.register(release_lock, path)
-    return path
-
-
-def release_lock(path: Path) -> None:
-    if path.is_file() and path.read_text().strip() == str(os.getpid()):
-        path.unlink()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def check_run_config(out: Path, config: dict) -> None:
-    """Refuse to resume into a folder holding results made with other settings. A run.json written
-    before a field existed gets the field (query-aware, then the only mode; the model's content hash)."""
-    path = out / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        old.setdefault("query", "aware")
-        old.setdefault("model_id", config["model_id"])
-        old["settings"] = asdict(P.recorded_settings(old.get("settings", {})))
-        diff = [k for k in config if old.get(k) != config[k]]
-        if diff:
-            raise ValueError(f"{out} holds a run with different {', '.join(diff)}; use another --out")
-    atomic_write(path, json.dumps(config, indent=1))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -276,6 +179,26 @@ def bootstrap_difference(a: dict, b: dict, n: int = BOOTSTRAP_RESAMPLES, seed: i
     return [point, low, high]
 
 
+def bootstrap_gap_recovery(method: dict, best: dict, full: dict, n: int = BOOTSTRAP_RESAMPLES,
+                           seed: int = 0) -> list[float | None]:
+    """[recovery, low, high]: (method - best) / (FullKV - best) of the averages (per-sample scores by
+    task), with the 95% interval of the same within-task bootstrap (one draw serves all three). Draws
+    where FullKV does not beat the best baseline have no recovery: if over 2.5% do, the interval is
+    unbounded (None) on that side."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(3, n, dtype=torch.float64)  # method, best, FullKV per draw
+    for task in method:
+        scores = torch.tensor([method[task], best[task], full[task]], dtype=torch.float64)  # (3, S)
+        draws = torch.randint(0, scores.shape[1], (n, scores.shape[1]), generator=g)  # (n, S)
+        means += scores[:, draws].mean(-1) / len(method)
+    gap = means[2] - means[1]
+    recovery = torch.where(gap > 0, (means[0] - means[1]) / gap, torch.tensor(float("nan"), dtype=torch.float64))
+    avg = [sum(sum(x) / len(x) for x in d.values()) / len(d) for d in (method, best, full)]
+    point = (avg[0] - avg[1]) / (avg[2] - avg[1]) if avg[2] > avg[1] else None
+    low, high = recovery.nan_to_num(float("-inf")).quantile(0.025).item(), recovery.nan_to_num(float("inf")).quantile(0.975).item()
+    return [point, low if low > float("-inf") else None, high if high < float("inf") else None]
+
+
 def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) -> dict:
     """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, and its
     teacher-forced KL minus the lowest baseline KL, with bootstrap intervals (noise or a real gap?).
@@ -294,6 +217,8 @@ def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) ->
         for m in [m for m in scores if K.is_plan_method(m)]:
             if (m, b) in per_sample:
                 out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
+                             "gap_recovery": bootstrap_gap_recovery(per_sample[m, b], per_sample[best, b],
+                                                                    per_sample["fullkv", "full"]),
                              "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"]),
                              "tf_kl_minus_best": paired_kl(tf_kl[m, b], tf_kl[best_kl, b]) if best_kl else None}
     return out
@@ -340,6 +265,13 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
              for n in scores if K.is_plan_method(n) and any(n in at(b) for b in budgets)]
     lines += [f"\n### Summary: average score minus the best baseline's (points), 95% paired bootstrap interval "
               f"over samples ({BOOTSTRAP_RESAMPLES} resamples within tasks)\n"] + table("method", budgets, rows)
+    pct_interval = lambda g: "–" if g is None or g[0] is None else f"{pct(g[0])} [{pct(g[1])}, {pct(g[2])}]"  # noqa: E731
+    rows = [[n] + [pct_interval(at(b).get(n, {}).get("gap_recovery")) for b in budgets]
+            for n in scores if K.is_plan_method(n) and any(at(b).get(n, {}).get("gap_recovery") for b in budgets)]
+    if rows:
+        lines += ["\nScore gap recovery, (method - best baseline) / (FullKV - best baseline), same bootstrap "
+                  "(– where FullKV does not beat the best baseline; an open end where it fails to in over 2.5% of draws):\n"]
+        lines += table("method", budgets, rows)
     rows = [["lowest-KL baseline"] + [str(at(b).get("best_baseline_tf_kl", "–")) for b in budgets]]
     for n in [m for m in scores if K.is_plan_method(m)]:
         cells = [at(b).get(n, {}).get("tf_kl_minus_best") for b in budgets]

@@ -135,6 +135,19 @@ def test_bootstrap_difference_exact_cases():
     assert (point, low, high) == pytest.approx((20.0, 20.0, 20.0))
 
 
+def test_bootstrap_gap_recovery_exact_cases():
+    best, full = {"a": [0.0, 0.0], "b": [20.0]}, {"a": [100.0, 100.0], "b": [60.0]}
+    half = {"a": [50.0, 50.0], "b": [40.0]}  # recovers half of each task's gap: 50/100 and 20/40
+    assert report.bootstrap_gap_recovery(half, best, full) == pytest.approx([0.5, 0.5, 0.5])
+    assert report.bootstrap_gap_recovery(best, best, best) == [None, None, None]  # no gap: no recovery
+    # one task, FullKV 100 and best 0 on both samples, the method 0 or 100: a resample recovers 0, 1/2 or 1
+    assert report.bootstrap_gap_recovery({"t": [0.0, 100.0]}, {"t": [0.0, 0.0]}, {"t": [100.0, 100.0]}) == \
+        pytest.approx([0.5, 0.0, 1.0])
+    # FullKV ties the best baseline in some draws (a quarter here): the interval is open at both ends
+    point, low, high = report.bootstrap_gap_recovery({"t": [0.0, 0.0]}, {"t": [0.0, 0.0]}, {"t": [0.0, 100.0]})
+    assert (point, low, high) == (0.0, None, None)
+
+
 def test_teacher_forced_fidelity_equals_one_cache_at_a_time(ckpt):
     """The batched teacher-forced fidelity equals, per cache, the plain teacher-forced pass:
     agreement = argmax matches, KL = polykv.continuation_kl; an uncompressed cache agrees fully."""

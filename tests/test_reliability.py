@@ -15,7 +15,7 @@ import longbench_eval as E
 import checkpoint as CK
 import model as M
 import polykv as K
-import report
+import run_folder as RF
 from test_longbench_eval import N_LAYERS, args, ckpt, data, save_plans  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,8 @@ def records_in(out: Path) -> list[dict]:
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_other(ckpt, data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import time, report; from pathlib import Path; "
-                               f"report.take_lock(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", f"import time, run_folder as RF; from pathlib import Path; "
+                               f"RF.take_lock(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -49,9 +49,9 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_other(ckpt, dat
 
 
 def test_the_lock_is_released_and_retaken_by_its_own_process(tmp_path):
-    lock = report.take_lock(tmp_path)
-    assert report.take_lock(tmp_path) == lock  # the same process may take it again
-    report.release_lock(lock)
+    lock = RF.take_lock(tmp_path)
+    assert RF.take_lock(tmp_path) == lock  # the same process may take it again
+    RF.release_lock(lock)
     assert not lock.exists()
 
 
@@ -232,7 +232,7 @@ def test_a_plan_runs_under_a_name_of_its_own_beside_another(ckpt, data, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["gap_recovery"]["48"]) == {"polykv", "polykv_other"}
     plans = {r["method"]: r["plan"] for r in records_in(out) if r["budget"]}
-    assert plans["polykv_other"] == report.plan_fingerprint(other) != plans["polykv"]
+    assert plans["polykv_other"] == RF.plan_fingerprint(other) != plans["polykv"]
     with pytest.raises(SystemExit):  # a name must say it is a PolyKV variant
         E.parse_settings(["--plan", f"mine={first}", "--methods", "mine"])
     assert "polykv* names given by --plan NAME=FILE" in capsys.readouterr().err
@@ -244,8 +244,8 @@ def test_a_run_recorded_before_tova_agg_resumes_with_within_group_tova_only(tmp_
            "settings": {"window": 32, "kernel": 7, "pooling": "max", "sinks": 4, "agg": "mean", "seed": 0}}
     (tmp_path / "run.json").write_text(json.dumps(old))
     config = {**old, "model_id": "x", "query": "aware", "settings": {**old["settings"], "tova_agg": "mean"}}
-    report.check_run_config(tmp_path, config)  # accepted, and run.json now records the field
+    RF.check_run_config(tmp_path, config)  # accepted, and run.json now records the field
     assert json.loads((tmp_path / "run.json").read_text())["settings"]["tova_agg"] == "mean"
     (tmp_path / "run.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="holds a run with different settings"):
-        report.check_run_config(tmp_path, {**config, "settings": {**config["settings"], "tova_agg": "all"}})
+        RF.check_run_config(tmp_path, {**config, "settings": {**config["settings"], "tova_agg": "all"}})

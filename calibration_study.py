@@ -125,12 +125,12 @@ def add_tova_rows(n_layers: int, budgets: list[int], rows: dict, out: Path) -> N
 
 def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
     """Each plan's KL on each validation reference it was not calibrated on (validation.jsonl)."""
-    done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
     for row in rows.values():
         settings = replace(SETTINGS, tova_agg=row.get("tova_agg", SETTINGS.tova_agg))
         for name, p in row["plans"].items():
             key = f"{row['key']}/{name}"
-            if key in done or key in read_rows(out / "validation.jsonl"):
+            done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
+            if key in done:
                 continue
             plan = K.Plan(p["policies"], p["budgets"], settings=settings)
             kls = {r.sample_id: C.plan_sample_kl(model, r, plan) for r in val_refs

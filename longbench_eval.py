@@ -57,7 +57,7 @@ def load_benchmark(s: RunSettings, tokenizer) -> dict[str, list[dict]]:
         if unknown:
             raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; valid: {', '.join(R.ALL_TASKS + enabled)} "
                              "(essay tasks with --haystack, qa_1 with --squad, qa_2 with --hotpotqa)")
-        return {t: R.generate(t, s.limit or QUICK["ruler"], tokenizer, s.max_length, s.ruler_seed,
+        return {t: R.generate(t, s.limit, tokenizer, s.max_length, s.ruler_seed,
                               haystack_file=s.haystack, qa_file=qa_files.get(t))
                 for t in s.tasks or R.DEFAULT_TASKS + enabled}
     by_task = LB.load_samples(s.data_dir, list(s.tasks) or None)
@@ -117,8 +117,12 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
 def build_runs(s: RunSettings, plans: dict, n_layers: int) -> list[tuple]:
     """[(method, budget, plan)]: FullKV once (budget None, plan None), the rest per budget."""
     settings = next((p.settings for p in plans.values()), P.Settings())
-    if any(p.settings.window != settings.window for p in plans.values()):
-        raise ValueError("the PolyKV plans use different observation windows; one prefill cannot serve them all")
+    other = next((p for p in plans.values() if p.settings != settings), None)
+    if other is not None:  # one run, one set of policy settings: its baselines and run.json take them
+        field = next(f for f, v in asdict(other.settings).items() if asdict(settings)[f] != v)
+        raise ValueError(f"the PolyKV plans were made with different policy settings ({field}: "
+                         f"{getattr(settings, field)!r} vs {getattr(other.settings, field)!r} in plan {other.name}); "
+                         "evaluate them in separate runs")
     runs = [("fullkv", None, None)]  # always: every other run is measured against it
     for b in s.budgets:
         for m in s.methods:
@@ -301,19 +305,23 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
     """Fill in what the command line left open: benchmark and data, length, limit, methods, budgets
     (those of --plan files when none are given). Returns the settings and a note on the data."""
     note = ""
+    if not s.benchmark and (s.haystack or s.qa_files):  # RULER's data files: a RULER run
+        s = replace(s, benchmark="ruler")
     if s.benchmark != "ruler":
         data_dir, note = LB.find_or_download(str(s.data_dir) if s.data_dir else None, PROJECT)
         if data_dir is None and s.benchmark == "longbench":
             raise ValueError(f"no LongBench folder: {note}")
         s = replace(s, benchmark="longbench" if data_dir else "ruler", data_dir=data_dir)
-        if data_dir and (s.haystack or s.qa_files):
-            raise ValueError(f"--haystack, --squad and --hotpotqa are RULER's, and LongBench was found ({data_dir}): "
-                             "add --benchmark ruler")
+    if s.benchmark == "ruler" and s.tasks:  # only the files the chosen tasks read (they identify the data)
+        s = replace(s, haystack=s.haystack if set(s.tasks) & set(R.ESSAY_TASKS) else None,
+                    qa_files=tuple((t, f) for t, f in s.qa_files if t in s.tasks))
     given = load_given_plans(s, model_dir, cfg)
     methods = s.methods or tuple(dict.fromkeys([m for m in K.DEFAULT_METHODS if m not in K.PLAN_METHODS or not given]
                                                + [p.name for p in given]))
     budgets = s.budgets or tuple(sorted({int(p.average_budget) for p in given})) or (512,)
-    limit = s.limit if s.limit >= 0 else QUICK[s.benchmark] if s.quick else 0
+    limit = s.limit if s.limit >= 0 else QUICK[s.benchmark] if s.quick or s.benchmark == "ruler" else 0
+    if s.benchmark == "ruler" and limit == 0:
+        raise ValueError("--limit 0 (all) has no meaning for RULER, whose samples are generated: give a number per task")
     s = replace(s, methods=methods, budgets=budgets, limit=limit, max_length=s.max_length or MAX_LENGTH[s.benchmark])
     longest = s.max_length if s.benchmark == "ruler" else s.max_length + 512 + TF_TOKENS  # 512: the longest generation
     if longest > cfg.max_seq_len:

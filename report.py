@@ -183,8 +183,7 @@ def bootstrap_gap_recovery(method: dict, best: dict, full: dict, n: int = BOOTST
                            seed: int = 0) -> list[float | None]:
     """[recovery, low, high]: (method - best) / (FullKV - best) of the averages (per-sample scores by
     task), with the 95% interval of the same within-task bootstrap (one draw serves all three). Draws
-    where FullKV does not beat the best baseline have no recovery: if over 2.5% do, the interval is
-    unbounded (None) on that side."""
+    where FullKV does not beat the best baseline have no recovery: if over 2.5% do, both ends are open (None)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.zeros(3, n, dtype=torch.float64)  # method, best, FullKV per draw
     for task in method:
@@ -270,7 +269,7 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
             for n in scores if K.is_plan_method(n) and any(at(b).get(n, {}).get("gap_recovery") for b in budgets)]
     if rows:
         lines += ["\nScore gap recovery, (method - best baseline) / (FullKV - best baseline), same bootstrap "
-                  "(– where FullKV does not beat the best baseline; an open end where it fails to in over 2.5% of draws):\n"]
+                  "(– where FullKV does not beat the best baseline; open ends where it fails to in over 2.5% of draws):\n"]
         lines += table("method", budgets, rows)
     rows = [["lowest-KL baseline"] + [str(at(b).get("best_baseline_tf_kl", "–")) for b in budgets]]
     for n in [m for m in scores if K.is_plan_method(m)]:

@@ -179,11 +179,12 @@ def read_prose(path: str | Path) -> list[str]:
     return words
 
 
-@lru_cache(maxsize=4)
 def read_qa(path: str | Path, dataset: str) -> tuple[list[dict], list[str]]:
     """(questions, documents) of SQuAD (v2 dev JSON) or HotpotQA (distractor dev JSON), as RULER reads
     them. Documents: SQuAD's paragraphs, HotpotQA's "title\ntext" paragraphs, deduplicated and sorted.
-    A question: its text, its answers, its gold documents and (SQuAD) its article's other paragraphs."""
+    A question: its text, its answers, the documents it comes with (SQuAD: its paragraph; HotpotQA: all
+    of its context paragraphs, the supporting ones and the distractors, as RULER keeps them) and
+    (SQuAD) its article's other paragraphs."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if dataset == "squad":
@@ -199,7 +200,7 @@ def read_qa(path: str | Path, dataset: str) -> tuple[list[dict], list[str]]:
             index = {doc: i for i, doc in enumerate(docs)}
             questions = [{"query": d["question"], "answers": [d["answer"]], "gold": [index[as_doc(*c)] for c in d["context"]],
                           "more": []} for d in data]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a {dataset} file ({type(e).__name__}: {e})") from None
     if not questions:
         raise ValueError(f"{path}: no answerable questions")
@@ -237,7 +238,7 @@ def niah_sample(rng: random.Random, size: int, config: dict, essay: list[str] | 
 
 
 def qa_sample(rng: random.Random, size: int, config: dict, question: dict, docs: list[str]) -> dict:
-    """`size` documents: the question's gold ones, then its article's other paragraphs, then random
+    """`size` documents: the question's own ones, then its article's other paragraphs, then random
     others, shuffled and numbered 'Document i:'; the answer is any of the question's answers."""
     chosen, more = list(question["gold"]), list(question["more"])
     if size - len(chosen) <= len(more):

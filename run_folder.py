@@ -94,7 +94,7 @@ def check_run_config(out: Path, config: dict) -> None:
         old = json.loads(path.read_text())
         old.setdefault("query", "aware")
         old.setdefault("model_id", config["model_id"])
-        old["settings"] = asdict(P.recorded_settings(old.get("settings", {})))
+        old["settings"] = asdict(P.recorded_settings(old["settings"]) if "settings" in old else P.Settings())
         diff = [k for k in config if old.get(k) != config[k]]
         if diff:
             raise ValueError(f"{out} holds a run with different {', '.join(diff)}; use another --out")

@@ -27,7 +27,7 @@ class RunSettings:
     budgets: tuple[int, ...]
     methods: tuple[str, ...]
     max_length: int
-    limit: int  # samples per task, 0 = all
+    limit: int  # samples per task, 0 = all (LongBench), -1 = not given
     quick: bool  # no --limit/--tasks/--ids: LongBench's long-generation tasks are skipped
     query: str = "aware"  # "aware" or "agnostic"
     tasks: tuple[str, ...] = ()  # () = all
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aware: compress the whole prompt; agnostic: compress the context, then prefill the question")
     p.add_argument("--tasks", nargs="+", default=(), help="subset of tasks (default: all)")
     p.add_argument("--ids", nargs="+", default=(), help="evaluate exactly these sample ids")
-    p.add_argument("--limit", type=int, help="samples per task, 0 = all (default: the quick default)")
+    p.add_argument("--limit", type=int, help=f"samples per task, 0 = all (default: the quick default; RULER: "
+                   f"{QUICK['ruler']})")
     p.add_argument("--max-length", type=int, help=f"LongBench: middle-truncate prompts to this many tokens "
                    f"(default {MAX_LENGTH['longbench']}); RULER: prompt + generation tokens (default {MAX_LENGTH['ruler']})")
     p.add_argument("--haystack", type=Path, help="RULER: a prose file (text, or JSON {\"text\": ...}) for the essay tasks")

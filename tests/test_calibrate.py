@@ -246,6 +246,7 @@ def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint
     import ruler as R
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=3, n_validation=3, max_length=1024, n_continuation=4)
+    assert C.parse_args(["--tova-agg", "mean"]).tova_agg == "mean" and C.parse_args([]).tova_agg == P.Settings().tova_agg
     paths = C.run(model, tokenizer, tiny_checkpoint, [64], tmp_path, cs, P.Settings(tova_agg="mean"), None)
     plan = K.load_plan(paths[64]["polykv"], n_layers=2)
     ids = plan.info["calibration_ids"] + plan.info["validation_ids"]

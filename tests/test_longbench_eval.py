@@ -431,3 +431,18 @@ def test_ruler_data_flags_are_checked_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.parse_settings(["--benchmark", "longbench", "--haystack", str(tmp_path / "p.txt")])
     assert "are RULER's" in capsys.readouterr().err
+
+
+def test_ruler_limits_and_data_flags_are_completed_sensibly(ckpt, tmp_path, monkeypatch):
+    """RULER is generated: no --limit means the quick number per task, 0 ('all') is refused; a RULER data
+    file alone makes the run RULER's (no LongBench lookup); files of tasks not chosen do not identify the data."""
+    import test_ruler as TR
+    cfg = CK.load_config(ckpt)
+    monkeypatch.setattr(LB, "find_or_download", lambda *a: pytest.fail("looked for LongBench"))
+    squad = TR.squad_file(tmp_path / "squad.json")
+    s, _ = E.complete(E.parse_settings(["--model", str(ckpt), "--squad", str(squad), "--tasks", "niah_single_1"]), ckpt, cfg)
+    assert (s.benchmark, s.limit, s.qa_files) == ("ruler", E.QUICK["ruler"], ())
+    s, _ = E.complete(E.parse_settings(["--model", str(ckpt), "--squad", str(squad), "--tasks", "qa_1", "--limit", "2"]), ckpt, cfg)
+    assert (s.limit, s.qa_files) == (2, (("qa_1", squad),))
+    with pytest.raises(ValueError, match="--limit 0 .all. has no meaning for RULER"):
+        E.complete(E.parse_settings(["--model", str(ckpt), "--benchmark", "ruler", "--limit", "0"]), ckpt, cfg)

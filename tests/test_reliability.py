@@ -14,6 +14,7 @@ import longbench as LB
 import longbench_eval as E
 import checkpoint as CK
 import model as M
+import policies as P
 import polykv as K
 import run_folder as RF
 from test_longbench_eval import N_LAYERS, args, ckpt, data, save_plans  # noqa: F401  (fixtures)
@@ -236,6 +237,11 @@ def test_a_plan_runs_under_a_name_of_its_own_beside_another(ckpt, data, tmp_path
     with pytest.raises(SystemExit):  # a name must say it is a PolyKV variant
         E.parse_settings(["--plan", f"mine={first}", "--methods", "mine"])
     assert "polykv* names given by --plan NAME=FILE" in capsys.readouterr().err
+    K.save_plan(K.Plan(["tova"] * N_LAYERS, [64, 32, 48], name="polykv", model=ckpt.name,
+                       settings=P.Settings(tova_agg="mean")), tmp_path / "mean.json")  # other policy settings
+    assert E.main(args(ckpt, data, tmp_path / "mixed", "--plan", first, f"polykv_mean={tmp_path / 'mean.json'}",
+                       "--methods", "polykv", "polykv_mean")) == 2
+    assert "different policy settings (tova_agg: 'all' vs 'mean' in plan polykv_mean)" in capsys.readouterr().err
 
 
 def test_a_run_recorded_before_tova_agg_resumes_with_within_group_tova_only(tmp_path):

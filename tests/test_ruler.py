@@ -415,7 +415,6 @@ def test_hotpotqa_keeps_every_context_paragraph_of_its_question(tok, tmp_path):
     for s in R.generate("qa_2", 3, tok, 1024, qa_file=path):
         q = int(re.search(r"firm (\d+)\?", s["input"]).group(1))
         in_context = documents_of(s)
-        assert [d for d in in_context if d.startswith(f"Title{q}_")] != []
         assert sorted(d for d in in_context if d.startswith(f"Title{q}_")) == [
             f"Title{q}_{c}\nSentence {q} {c} a. Founder{q} and more {c}." for c in range(4)]
         assert s["answers"] == [f"founder{q}"] and len(in_context) > 4

@@ -201,8 +201,9 @@ def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_o
     for b in budgets:
         sizes = sorted({r["n"] for r in rows.values() if r["budget"] == b and r["draw"].startswith("n")})
         lines += [f"\n### Budget {b}: validation KL against the number of calibration samples "
-                  f"({len(validation_ids)} fixed validation samples)\n",
-                  "| n | " + " | ".join(c for c, _, _ in STUDY_ARMS) + " |", "|---" * (len(STUDY_ARMS) + 1) + "|"]
+                  f"({len(validation_ids)} fixed validation samples)\n"]
+        if sizes:
+            lines += ["| n | " + " | ".join(c for c, _, _ in STUDY_ARMS) + " |", "|---" * (len(STUDY_ARMS) + 1) + "|"]
         for n in sizes:
             cells = [kl(f"{b}/n{n}/{arm}/{plan}", validation_ids) for _, arm, plan in STUDY_ARMS]
             lines.append(f"| {n} | " + " | ".join(fmt(c) for c in cells) + " |")
@@ -237,6 +238,8 @@ def plot_curves(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     budgets = sorted({b for b, _ in curves})
+    if not budgets:  # no learning-curve draws (e.g. only leave-one-family-out): nothing to plot
+        return
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
     for ax, b in zip(axes[0], budgets):
         for (bb, column), points in curves.items():
@@ -294,8 +297,9 @@ def main(argv=None) -> None:
     add_tova_rows(model.cfg.n_layers, args.budgets, rows, args.out)
     done = read_rows(args.out / "validation.jsonl")
     val_samples = list({s["_id"]: s for s in validation + held_out}.values())
-    val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, SETTINGS, "validation references")
-    validate(model, val_refs, rows, done, args.out)
+    if any(f"{row['key']}/{name}" not in done for row in rows.values() for name in row["plans"]):
+        val_refs = C.build_references(model, tokenizer, model_dir, val_samples, cs, SETTINGS, "validation references")
+        validate(model, val_refs, rows, done, args.out)
     tables = study_tables(rows, done, [s["_id"] for s in validation], [s["_id"] for s in held_out], args.out)
     print(tables)
 

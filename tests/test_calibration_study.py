@@ -1,0 +1,33 @@
+"""calibration_study.py's tables from constructed rows: exact means over the right samples, the
+leave-one-family-out share, and the plot only where there is a curve."""
+import calibration_study as S
+
+
+def row(key: str, plans: list[str]) -> dict:
+    budget, draw, arm = key.split("/")
+    n = int(draw[1:]) if draw.startswith("n") else 32
+    return {"key": key, "budget": int(budget), "draw": draw, "n": n, "arm": arm, "plans": {p: {} for p in plans}}
+
+
+def test_learning_curve_and_leave_one_family_out_exact(tmp_path):
+    plans = ["uniform", "polykv_routing", "polykv_allocation", "polykv"]
+    rows = {k: row(k, plans) for k in ("512/n16/route-allocate", "512/in-family/route-allocate",
+                                       "512/out-of-family/route-allocate")}
+    kl = {"v1": 0.2, "v2": 0.4, "h1": 1.0, "h2": 3.0}  # validation samples v*, held-out family samples h*
+    scale = {"uniform": 1.0, "polykv_routing": 0.9, "polykv_allocation": 0.5, "polykv": 0.25}
+    validation = {f"{k}/{p}": {"key": f"{k}/{p}", "kls": {i: x * scale[p] * (1.5 if "out-of" in k and p == "polykv" else 1)
+                                                              for i, x in kl.items()}}
+                  for k in rows for p in plans}
+    text = S.study_tables(rows, validation, ["v1", "v2"], ["h1", "h2"], tmp_path)
+    # n16 row: means over v1, v2 only (0.3 x scale); arms this draw lacks are dashes
+    assert "| 16 | 0.3000 | 0.2700 | 0.1500 | 0.0750 | – | – | – | – |" in text
+    # family: uniform 2.0 on h1, h2; PolyKV 0.5 with the family, 0.75 without: (2 - 0.75) / (2 - 0.5) survives
+    assert "best uniform 2.0000 -> PolyKV 0.5000; without it, best uniform 2.0000 -> PolyKV 0.7500" in text
+    assert "survives: 83%." in text and (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_a_run_without_learning_curve_draws_writes_no_plot(tmp_path):
+    rows = {k: row(k, ["uniform", "polykv"]) for k in ("512/in-family/route-allocate", "512/out-of-family/route-allocate")}
+    validation = {f"{k}/{p}": {"key": f"{k}/{p}", "kls": {"h1": 1.0 if p == "uniform" else 0.5}} for k in rows for p in ("uniform", "polykv")}
+    text = S.study_tables(rows, validation, [], ["h1"], tmp_path)
+    assert "share of the in-family gain that survives: 100%." in text and not (tmp_path / "curve.png").exists()

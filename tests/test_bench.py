@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import bench_memory
 import model as M
 import policies as P
 import polykv as K
@@ -52,9 +53,9 @@ def test_sections_run_without_transformers():
 def test_run_child_reports_that_childs_own_peak():
     big = [sys.executable, "-c", "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); print('ok')"]
     small = [sys.executable, "-c", "import sys; sys.exit(3)"]
-    code, peak, out = bench.run_child(big)
+    code, peak, out = bench_memory.run_child(big)
     assert code == 0 and out.strip() == "ok" and peak > 200
-    code, peak, _ = bench.run_child(small)  # after the big one: its own peak, not the largest child's
+    code, peak, _ = bench_memory.run_child(small)  # after the big one: its own peak, not the largest child's
     assert code == 3 and 0 < peak < 100
 
 
@@ -62,9 +63,9 @@ def test_run_child_reports_that_childs_own_peak():
 def test_peak_rss_can_be_reset():
     x = torch.ones(100 * 2**20 // 4)  # 100 MiB, touched
     del x
-    before = bench.proc_status_kib("VmHWM")
-    assert bench.reset_peak_rss()
-    assert bench.proc_status_kib("VmHWM") < before - 50 * 1024  # the peak forgets the freed 100 MiB
+    before = bench_memory.proc_status_kib("VmHWM")
+    assert bench_memory.reset_peak_rss()
+    assert bench_memory.proc_status_kib("VmHWM") < before - 50 * 1024  # the peak forgets the freed 100 MiB
 
 
 def test_main_end_to_end_against_transformers(tiny_checkpoint):

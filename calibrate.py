@@ -289,11 +289,13 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
 
 
 def build_references(model, tokenizer, model_dir, samples: list[dict], cs: CalibrationSettings,
-                     settings: P.Settings, desc: str) -> list[Reference]:
+                     settings: P.Settings, desc: str, bench=LB) -> list[Reference]:
+    """One Reference per sample; bench: the samples' benchmark module (longbench or ruler), whose
+    prompt_ids builds their prompts."""
     stop_ids = CK.stop_token_ids(model_dir, tokenizer)
     refs = []
     for s in tqdm(samples, desc=desc):
-        ids, _ = (R if "answer_prefix" in s else LB).prompt_ids(tokenizer, s, cs.max_length)  # RULER's carry one
+        ids, _ = bench.prompt_ids(tokenizer, s, cs.max_length)
         refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window))
     return refs
 
@@ -325,8 +327,9 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     if not [b for b in budgets if b not in paths]:
         return paths
     t0 = time.perf_counter()
-    refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references")
-    val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references")
+    bench = LB if data_dir is not None else R  # calibration_sets drew RULER samples without a LongBench folder
+    refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references", bench)
+    val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references", bench)
     for average in [b for b in budgets if b not in paths]:
         plans = calibrate_budget(model, refs, val_refs, average, cs, settings)
         paths[average] = {}

@@ -127,9 +127,9 @@ def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
     """Each plan's KL on each validation reference it was not calibrated on (validation.jsonl)."""
     for row in rows.values():
         settings = replace(SETTINGS, tova_agg=row.get("tova_agg", SETTINGS.tova_agg))
+        done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
         for name, p in row["plans"].items():
             key = f"{row['key']}/{name}"
-            done.update(read_rows(out / "validation.jsonl"))  # another process may have scored some meanwhile
             if key in done:
                 continue
             plan = K.Plan(p["policies"], p["budgets"], settings=settings)
@@ -153,8 +153,9 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir)
     if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
         raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
-    refs = C.build_references(model, tokenizer, model_dir, calibration, cs, first.settings, "calibration references")
-    val_refs = C.build_references(model, tokenizer, model_dir, validation, cs, first.settings, "validation references")
+    bench = LB if data_dir is not None else C.R
+    refs = C.build_references(model, tokenizer, model_dir, calibration, cs, first.settings, "calibration references", bench)
+    val_refs = C.build_references(model, tokenizer, model_dir, validation, cs, first.settings, "validation references", bench)
     objective = lambda p, b: [C.plan_sample_kl(model, r, K.Plan(p, b, settings=first.settings)) for r in refs]  # noqa: E731
     for b, parent in parents.items():
         cal = parent.info["calibration"]

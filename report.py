@@ -132,6 +132,12 @@ def best_baselines(scores: dict, fid: dict, b: str) -> dict | None:
             "tf_agreement": max(agree, key=agree.get, default=None), "tf_kl": min(kl, key=kl.get, default=None)}
 
 
+def recovery(method: float | None, best: float | None, full: float) -> float | None:
+    """(method - best) / (full - best): the share of the best baseline's gap to FullKV that the method
+    closes; only defined when FullKV beats the best baseline (with too few samples it may not)."""
+    return None if method is None or best is None or full <= best else (method - best) / (full - best)
+
+
 def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
     """Per budget, per PolyKV variant: on the task average, on prefix agreement and on teacher-forced
     agreement and KL, each against the baseline that is best on that measure."""
@@ -150,13 +156,12 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
                 p, pf, pt, pk = (scores[m][b]["average"], fid[m][b]["prefix_agreement"], fid[m][b]["tf_agreement"],
                                  fid[m][b]["tf_kl"])
                 out.setdefault(b, {})[m] = {
-                    # only defined when FullKV beats the best baseline: with too few samples it may not
-                    "score": (p - base) / (full - base) if full > base else None,
+                    "score": recovery(p, base, full),
                     "best_baseline": best["score"], "best_baseline_average": base, "fullkv_average": full,
                     "baselines_compared": sorted(m for m in K.BASELINES if b in scores.get(m, {})),
-                    "fidelity": (pf - base_f) / (1 - base_f) if base_f < 1 else None,
+                    "fidelity": recovery(pf, base_f, 1),
                     "best_baseline_fidelity": best["prefix"],
-                    "tf_agreement": (pt - base_t) / (1 - base_t) if base_t is not None and pt is not None and base_t < 1 else None,
+                    "tf_agreement": recovery(pt, base_t, 1),
                     "best_baseline_tf_agreement": best["tf_agreement"],
                     # FullKV's KL to itself is 0: the share of the best baseline's KL that is removed
                     "tf_kl": (base_k - pk) / base_k if base_k is not None and pk is not None and base_k > 0 else None,
@@ -191,10 +196,10 @@ def bootstrap_gap_recovery(method: dict, best: dict, full: dict, n: int = BOOTST
         draws = torch.randint(0, scores.shape[1], (n, scores.shape[1]), generator=g)  # (n, S)
         means += scores[:, draws].mean(-1) / len(method)
     gap = means[2] - means[1]
-    recovery = torch.where(gap > 0, (means[0] - means[1]) / gap, torch.tensor(float("nan"), dtype=torch.float64))
+    share = torch.where(gap > 0, (means[0] - means[1]) / gap, torch.tensor(float("nan"), dtype=torch.float64))
     avg = [sum(sum(x) / len(x) for x in d.values()) / len(d) for d in (method, best, full)]
-    point = (avg[0] - avg[1]) / (avg[2] - avg[1]) if avg[2] > avg[1] else None
-    low, high = recovery.nan_to_num(float("-inf")).quantile(0.025).item(), recovery.nan_to_num(float("inf")).quantile(0.975).item()
+    point = recovery(*avg)
+    low, high = share.nan_to_num(float("-inf")).quantile(0.025).item(), share.nan_to_num(float("inf")).quantile(0.975).item()
     return [point, low if low > float("-inf") else None, high if high < float("inf") else None]
 
 

@@ -112,4 +112,5 @@ def parse_settings(argv=None) -> RunSettings:
                        query=a.query, tasks=tuple(dict.fromkeys(a.tasks)), ids=tuple(a.ids), plans=tuple(a.plan),
                        model=a.model, data_dir=Path(a.data_dir) if a.data_dir else None, out=a.out,
                        ruler_seed=a.ruler_seed, haystack=a.haystack, batch=a.batch, device=a.device, dtype=a.dtype,
-                       qa_files=tuple((t, f) for t, f in (("qa_1", a.squad), ("qa_2", a.hotpotqa)) if f))
+                       qa_files=tuple((t, f) for t in R.QA_TASKS if (f := {"squad": a.squad, "hotpotqa": a.hotpotqa}[
+                           R.TASKS[t]["dataset"]])))

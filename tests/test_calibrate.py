@@ -254,5 +254,5 @@ def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint
     assert all(i.startswith("ruler_") and f"_s{R.CALIBRATION_SEED}_" in i for i in ids)
     sample = next(s for t in R.DEFAULT_TASKS for s in R.generate(t, 1, tokenizer, 1024, seed=R.CALIBRATION_SEED)
                   if s["_id"] == ids[0])
-    ref = C.build_references(model, tokenizer, tiny_checkpoint, [sample], cs, P.Settings(), "x")[0]
+    ref = C.build_references(model, tokenizer, tiny_checkpoint, [sample], cs, P.Settings(), "x", R)[0]
     assert ref.cache.lengths[0] == len(R.prompt_ids(tokenizer, sample)[0]) > 900  # RULER's prompt, filled to the length

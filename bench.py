@@ -9,7 +9,8 @@ PolyKV compression buys at decode time and costs at prefill time.
 1. prefill: model.py vs transformers (sdpa), same checkpoint, at 1k and 4k prompt
    tokens: tokens/s and the ratio ours / transformers (>= 1.0: ours is at least as
    fast). Both compute the last position's logits only (transformers: logits_to_keep=1).
-2. decode at a 4k context: ms/token, ours vs transformers (its DynamicCache).
+2. decode at a 4k context: ms/token, ours vs transformers (its DynamicCache); ours both
+   eager (the reference) and with decode_one_token under torch.compile (optional).
 3. compressed decode: ms/token from an 8k context compressed to a 512 average budget
    (uniform SnapKV), from the same context with FullKV, and from a plain 512-token
    prompt; and what compression costs at prefill time: gathering the statistics
@@ -87,15 +88,15 @@ def ours_prefill(model: M.Transformer, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def ours_decode(model: M.Transformer, cache: M.KVCache, steps: int) -> float:
-    """Seconds per greedy decode step on a copy of `cache` (left untouched)."""
+def ours_decode(model: M.Transformer, cache: M.KVCache, steps: int, step: Callable = M.decode_one_token) -> float:
+    """Seconds per greedy decode step (decode_one_token or its compiled form) on a copy of `cache` (left untouched)."""
     cache = cache.clone()  # room for 64 new tokens: no reallocation while timing
     device = str(cache.k[0].device)
     token = torch.ones(cache.k[0].shape[0], 1, dtype=torch.long, device=device)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        token = M.decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+        token = step(model, token, cache).argmax(-1, keepdim=True)
     sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -168,23 +169,44 @@ def bench_prefill(model: M.Transformer, hf, sizes: dict, repeats: int, device: s
     return res
 
 
-def bench_decode(model: M.Transformer, hf, sizes: dict, repeats: int, device: str) -> dict[str, float]:
-    """Decode ms/token at one context length, ours vs transformers."""
+def compiled_step(model: M.Transformer, cache: M.KVCache) -> Callable | None:
+    """model.compiled_decode_one_token, compiled here by one step on a copy of `cache`; None (and why)
+    where torch.compile cannot run (e.g. no C++ compiler)."""
+    step = M.compiled_decode_one_token()
+    t0 = time.perf_counter()
+    try:
+        ours_decode(model, cache, 1, step)
+    except Exception as e:  # the compiler's failure modes are many; the eager path is unaffected
+        print(f"torch.compile decode: unavailable ({type(e).__name__}: {short(str(e))})", flush=True)
+        return None
+    print(f"torch.compile decode: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    return step
+
+
+def bench_decode(model: M.Transformer, hf, sizes: dict, repeats: int, device: str, compile: bool = True) -> dict[str, float]:
+    """Decode ms/token at one context length: ours (eager, and compiled where torch.compile runs) vs transformers."""
     n, steps, res = sizes["decode_ctx"], sizes["steps"], {}
     ids = random_prompt(n, model.cfg.vocab_size, device, seed=1)
     _, cache = M.prefill(model, ids)
     variants = {"ours": lambda: ours_decode(model, cache, steps)}
+    if compile and (step := compiled_step(model, cache)) is not None:
+        variants["compiled"] = lambda: ours_decode(model, cache, steps, step)
     if hf is not None:
         _, past = hf_prefill(hf, ids)
         variants["hf"] = lambda: hf_decode(hf, past, steps)
     med = interleaved(variants, repeats)
-    res["decode_ours_ms"] = 1e3 * med["ours"]
-    line = f"decode at a {n}-token context: ours {1e3 * med['ours']:.1f} ms/token ({1 / med['ours']:.1f} tok/s)"
+    for name, ms_key, ratio_key in (("ours", "decode_ours_ms", "decode_ratio"),
+                                    ("compiled", "decode_compiled_ms", "decode_compiled_ratio")):
+        if name not in med:
+            continue
+        res[ms_key] = 1e3 * med[name]
+        line = f"decode at a {n}-token context: {name} {1e3 * med[name]:.1f} ms/token ({1 / med[name]:.1f} tok/s)"
+        if hf is not None:
+            res[ratio_key] = med["hf"] / med[name]
+            line += f" | transformers {1e3 * med['hf']:.1f} ms/token | ratio {res[ratio_key]:.2f}"
+        print(line, flush=True)
     if hf is not None:
         res["decode_hf_ms"] = 1e3 * med["hf"]
-        res["decode_ratio"] = med["hf"] / med["ours"]
-        line += f" | transformers {1e3 * med['hf']:.1f} ms/token | ratio {res['decode_ratio']:.2f}"
-    print(line, flush=True)
     return res
 
 
@@ -376,7 +398,8 @@ def summary_line(res: dict, sizes: dict) -> str:
         "prefill_short_ratio": (f"prefill{short(sizes['prefill_short'])}_ratio", ".2f"),
         "prefill_long_ratio": (f"prefill{short(sizes['prefill_long'])}_ratio", ".2f"),
         "decode_ratio": (f"decode{D}_ratio", ".2f"), "decode_ours_ms": (f"decode{D}_ours_ms", ".1f"),
-        "decode_hf_ms": (f"decode{D}_hf_ms", ".1f"),
+        "decode_hf_ms": (f"decode{D}_hf_ms", ".1f"), "decode_compiled_ratio": (f"decode{D}_compiled_ratio", ".2f"),
+        "decode_compiled_ms": (f"decode{D}_compiled_ms", ".1f"),
         "compressed_over_plain": (f"decode{L}_compressed_over_plain{S}", ".3f"),
         "speedup_vs_full": (f"speedup_vs_full{L}", ".2f"), "batched_decode_speedup": ("batched_decode_speedup", ".2f"),
         "kv_bytes_ratio": ("kv_bytes_ratio", ".4f"), "token_ratio": ("token_ratio", ".4f"),
@@ -396,6 +419,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (medians; long prefills use fewer)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode (it compiles for ~1-2 min)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     dtype = getattr(torch, args.dtype)
@@ -415,7 +439,7 @@ def main(argv: list[str] | None = None) -> str:
         print("\n== 1. prefill: model.py vs transformers (sdpa), same checkpoint; ratio = ours / transformers throughput")
         res.update(bench_prefill(model, hf, sizes, args.repeats, args.device))
         print("\n== 2. decode: model.py vs transformers; ratio = transformers ms / ours")
-        res.update(bench_decode(model, hf, sizes, args.repeats, args.device))
+        res.update(bench_decode(model, hf, sizes, args.repeats, args.device, compile=not args.no_compile))
         del hf
         print(f"\n== 3. compressed decode: {sizes['long_ctx']}-token context, uniform snapkv at average budget "
               f"{sizes['budget']}")

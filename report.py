@@ -169,38 +169,43 @@ def gap_recovery(scores: dict, fid: dict, runs: list) -> dict:
     return out
 
 
+def resampled_averages(groups: list[dict], n: int, seed: int) -> torch.Tensor:
+    """(len(groups), n): each group's average over tasks of its per-task mean score, in n bootstrap
+    draws that redraw the samples within each task, the same draws for every group (paired)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.zeros(len(groups), n, dtype=torch.float64)
+    for task in groups[0]:
+        scores = torch.tensor([group[task] for group in groups], dtype=torch.float64)  # (groups, S)
+        draws = torch.randint(0, scores.shape[1], (n, scores.shape[1]), generator=g)  # (n, S)
+        means += scores[:, draws].mean(-1) / len(groups[0])
+    return means
+
+
+def average(scores: dict) -> float:
+    """The average over tasks of the per-task mean (LongBench's average)."""
+    return sum(sum(x) / len(x) for x in scores.values()) / len(scores)
+
+
 def bootstrap_difference(a: dict, b: dict, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float]:
     """[difference, low, high]: the average of a minus that of b (per-sample scores by task) with a 95%
-    paired bootstrap interval: samples are redrawn within each task, the same draws for both methods,
-    so the interval shows how much of a difference the sample choice alone can make."""
-    g = torch.Generator().manual_seed(seed)
-    diffs = torch.zeros(n, dtype=torch.float64)
-    for task in a:
-        d = torch.tensor(a[task], dtype=torch.float64) - torch.tensor(b[task], dtype=torch.float64)  # (S,)
-        draws = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, S)
-        diffs += d[draws].mean(-1) / len(a)
-    point = sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a.values(), b.values())) / len(a)
-    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [point, low, high]
+    paired bootstrap interval, so the interval shows how much of a difference the sample choice alone
+    can make."""
+    means = resampled_averages([a, b], n, seed)
+    low, high = torch.quantile(means[0] - means[1], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [average(a) - average(b), low, high]
 
 
 def bootstrap_gap_recovery(method: dict, best: dict, full: dict, n: int = BOOTSTRAP_RESAMPLES,
                            seed: int = 0) -> list[float | None]:
     """[recovery, low, high]: (method - best) / (FullKV - best) of the averages (per-sample scores by
-    task), with the 95% interval of the same within-task bootstrap (one draw serves all three). Draws
-    where FullKV does not beat the best baseline have no recovery: if over 2.5% do, both ends are open (None)."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.zeros(3, n, dtype=torch.float64)  # method, best, FullKV per draw
-    for task in method:
-        scores = torch.tensor([method[task], best[task], full[task]], dtype=torch.float64)  # (3, S)
-        draws = torch.randint(0, scores.shape[1], (n, scores.shape[1]), generator=g)  # (n, S)
-        means += scores[:, draws].mean(-1) / len(method)
+    task), with the 95% interval of the same paired bootstrap. Draws where FullKV does not beat the
+    best baseline have no recovery: if over 2.5% do, both ends are open (None)."""
+    means = resampled_averages([method, best, full], n, seed)
     gap = means[2] - means[1]
     share = torch.where(gap > 0, (means[0] - means[1]) / gap, torch.tensor(float("nan"), dtype=torch.float64))
-    avg = [sum(sum(x) / len(x) for x in d.values()) / len(d) for d in (method, best, full)]
-    point = recovery(*avg)
     low, high = share.nan_to_num(float("-inf")).quantile(0.025).item(), share.nan_to_num(float("inf")).quantile(0.975).item()
-    return [point, low if low > float("-inf") else None, high if high < float("inf") else None]
+    return [recovery(average(method), average(best), average(full)),
+            low if low > float("-inf") else None, high if high < float("inf") else None]
 
 
 def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) -> dict:

@@ -30,7 +30,7 @@ def test_sections_run_without_transformers():
     model = tiny_model()
     with torch.no_grad():
         res = bench.bench_prefill(model, None, SMALL, repeats=1, device="cpu")
-        res.update(bench.bench_decode(model, None, SMALL, repeats=1, device="cpu"))
+        res.update(bench.bench_decode(model, None, SMALL, repeats=1, device="cpu", compile=False))
         r3, cache, stats = bench.bench_compression(model, SMALL, repeats=1, device="cpu")
         res.update(r3)
         res.update(bench.bench_batching(model, cache, stats, SMALL, repeats=1, device="cpu"))

@@ -132,6 +132,25 @@ def test_clone_is_independent(tmp_path):
     assert torch.equal(cache.keys(2), copy.keys(2)[:, :, :12])
 
 
+def test_compiled_decode_equals_eager(tmp_path):
+    """The optional torch.compile'd decode step: the same logits as the eager reference, step after
+    step while the cache grows (and its buffer doubles), and the same greedy tokens."""
+    import shutil
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    tiny_hf("qwen2", tmp_path)
+    ours = CK.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 60))
+    logits, cache = M.prefill(ours, ids)
+    compiled, eager = M.compiled_decode_one_token(), cache.clone()
+    for t in range(70):  # 60 + 70 tokens: past the cache's first capacity (120)
+        token = torch.tensor([[t % TINY["vocab_size"]]])
+        assert torch.allclose(compiled(ours, token, cache), M.decode_one_token(ours, token, eager), atol=1e-5)
+    assert cache.lengths == eager.lengths == [130] * 3
+    assert M.generate(ours, M.prefill(ours, ids)[1], logits, 30, step=compiled) == \
+        M.generate(ours, M.prefill(ours, ids)[1], logits, 30)
+
+
 def test_stacked_caches_decode_like_each_alone(tmp_path):
     """Caches with different per-layer lengths, stacked into one padded batch, generate exactly
     what each generates alone (the padding is masked out; capacity growth keeps the mask)."""

@@ -389,7 +389,7 @@ def main(argv=None) -> None:
         print(report.calibration_table(args.summary))
         return
     cs = CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
-    budgets = sorted(set(args.budgets))
+    budgets = list(dict.fromkeys(args.budgets))  # in the order given (the first is calibrated first), once each
     settings = P.Settings(tova_agg=args.tova_agg)
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "

@@ -6,7 +6,8 @@ both into a static plan per budget.
     python calibrate.py --budgets 128 256 512 1024 --data-dir DIR [--model DIR] [--n-samples 32] [--refine]
 
 1. References. Each calibration prompt is prefilled once; FullKV's greedy continuation and its
-   next-token distributions over it are the target.
+   next-token distributions over it are the target. --query agnostic prefills only the context
+   (compressed before the question is seen) and scores the answer read through it.
 2. The signal. The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
    A *single-layer* KL compresses one layer only (every other layer keeps everything); its pass
    starts at that layer, from FullKV's hidden state there.
@@ -14,8 +15,8 @@ both into a static plan per budget.
    quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
 4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
-5. Refinement (--refine, optional): a coordinate-descent search on the joint objective
-   (every layer compressed) moves single layers' policies and budget quanta from that start.
+5. Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
+   objective (every layer compressed) moves single layers' policies and budget quanta from that start.
 6. Validation. Held-out samples score every plan next to the best uniform policy.
 Calibration samples are never evaluation samples: they come from longbench.calibration_pool
 (or RULER seeds of their own), and every id used is written into the plan, which the
@@ -41,6 +42,7 @@ import polykv as K
 import policies as P
 import report
 import ruler as R
+from search import allocation_moves, mean, routing_moves, search
 
 ROOT = Path(__file__).resolve().parent
 
@@ -58,6 +60,7 @@ class CalibrationSettings:
     quantum: int = 32  # tokens a search move shifts between layers
     min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
     seed: int = 0  # which samples are drawn
+    query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -65,6 +68,8 @@ class CalibrationSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.n_continuation < 2:
             raise ValueError("--n-continuation must be at least 2 (the first token carries no signal)")
+        if self.query not in ("aware", "agnostic"):
+            raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
             raise ValueError(f"order must be 'route-allocate' or 'allocate-route', got {self.order!r}")
         if not 0 <= self.min_win_share < 1:
@@ -80,24 +85,43 @@ class Reference:
     sample_id: str
     cache: M.KVCache  # the full prefill, never modified (its spare room takes teacher-forced tokens)
     stats: list[P.LayerStats]
-    continuation: torch.Tensor  # (N,) FullKV's greedy continuation
-    full_logprobs: torch.Tensor  # (N-1, V) FullKV's teacher-forced log-probs over it
+    continuation: torch.Tensor  # (N,) teacher-forced on top of the cache: [the question,] FullKV's greedy answer
+    full_logprobs: torch.Tensor  # (S, V) FullKV's log-probs at the scored positions of continuation[:-1]
     trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
     prefill_seconds: float
+    scored_from: int  # the first scored position: where the answer's tokens are predicted
     memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
     recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
 
-def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int) -> Reference:
-    tokens = torch.tensor([ids], device=model.embed_tokens.weight.device)
+def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int,
+                    n_context: int | None = None) -> Reference:
+    """FullKV's side of the objective on one prompt. Query-aware (n_context None) the whole prompt is
+    prefilled, to be compressed; FullKV's greedy answer is teacher-forced on top and scored from its
+    second token (the first comes from the prefill, which compression does not change).
+    Query-agnostic (n_context: how many ids are context) only the context is prefilled, to be
+    compressed before the question is seen, as in evaluation; the question and the answer are
+    teacher-forced on top, and every answer token is scored."""
+    cut = n_context if n_context is not None and n_context < len(ids) else len(ids)
+    tokens = torch.tensor([ids[:cut]], device=model.embed_tokens.weight.device)
     t0 = time.perf_counter()
     logits, cache, stats = K.prefill_with_stats(model, tokens, window)
     seconds = time.perf_counter() - t0
-    cache = cache.clone()  # compact, with room for the continuation
-    continuation = torch.tensor(M.generate(model, cache.share(), logits, n_continuation, stop_ids), device=tokens.device)
-    trunk = []
+    cache, question = cache.clone(), tokens.new_tensor(ids[cut:])  # compact, with room for what follows
+    full = cache.share()
+    if len(question):
+        logits = M.forward(model, question[None], full, last_only=True)
+    answer = tokens.new_tensor(M.generate(model, full, logits, n_continuation, stop_ids))
+    continuation, trunk, scored_from = torch.cat([question, answer]), [], max(len(question) - 1, 0)
     logits = M.forward(model, continuation[None, :-1], cache.share(), layer_inputs=trunk)[0]  # (N-1, V)
-    return Reference(sample_id, cache, stats, continuation, F.log_softmax(logits, -1), trunk, seconds)
+    return Reference(sample_id, cache, stats, continuation, F.log_softmax(logits[scored_from:], -1), trunk, seconds,
+                     scored_from)
+
+
+def scored_kl(ref: Reference, logits: torch.Tensor) -> float:
+    """The objective on one reference: mean KL(FullKV || compressed) over its scored positions, from
+    the compressed pass's logits (N-1, V) over continuation[:-1]."""
+    return K.mean_kl(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1)).item()
 
 
 def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:
@@ -105,14 +129,14 @@ def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int,
     pass starts at that layer from FullKV's input there; every other layer reads the full prefill."""
     key = ("kl", layer, policy, budget, settings)
     if key not in ref.memo:
-        if ref.cache.lengths[layer] <= budget or len(ref.continuation) < 2:
+        if ref.cache.lengths[layer] <= budget or len(ref.full_logprobs) == 0:
             ref.memo[key] = 0.0  # nothing to evict, or nothing to compare
         else:
             cache = ref.cache.share()  # no copy: appended tokens go past the prefill's
             cache.set_layer(layer, *K.compress_layer(ref.cache, ref.stats[layer], policy, budget, settings, ref.memo),
                             room=len(ref.continuation))
             logits = M.forward(model, ref.continuation[None, :-1], cache, start=layer, x=ref.trunk[layer])[0]
-            ref.memo[key] = K.mean_kl(ref.full_logprobs, F.log_softmax(logits, -1)).item()
+            ref.memo[key] = scored_kl(ref, logits)
     return ref.memo[key]
 
 
@@ -125,7 +149,7 @@ def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
     A search changes one or two layers at a time; below the first changed layer the pass sees
     the same inputs and caches as a plan it came from, so it starts from that plan's remembered
     input there. Same result as the plain pass (tested), at a fraction of the cost."""
-    if len(ref.continuation) < 2:
+    if len(ref.full_logprobs) == 0:
         return 0.0
     layers = list(zip(plan.policies, plan.budgets))
     shared = lambda key: next((l for l, (a, b) in enumerate(zip(key[1:], layers)) if a != b), len(layers))  # noqa: E731
@@ -140,12 +164,7 @@ def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
     ref.recent[(plan.settings, *layers)] = inputs  # inputs[l]: the input (1, N-1, dim) to layer l under this plan
     while len(ref.recent) > N_RECENT:
         ref.recent.pop(next(iter(ref.recent)))  # the least recently used
-    return K.mean_kl(ref.full_logprobs, F.log_softmax(logits, -1)).item()
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+    return scored_kl(ref, logits)
 
 
 # -----------------------------------------------------------------------------
@@ -180,69 +199,6 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
         both = (K.route(layer_kl, allocated), allocated, signal(preference(allocated), best_sens))
     return {"polykv": both, "polykv_routing": (routed, even, signal(preference(even), None)),
             "polykv_allocation": ([best] * n, allocated, signal(None, best_sens))}
-
-
-# -----------------------------------------------------------------------------
-# The optional search: coordinate descent, generic over the objective (tested on synthetic ones)
-
-
-def is_better(new: list[float], old: list[float], min_win_share: float) -> bool:
-    """Keep a change only if it lowers the mean KL AND lowers it on more than `min_win_share` of
-    the samples: a change that wins on average through one or two samples is fitted to them."""
-    wins = sum(n < o for n, o in zip(new, old))
-    return mean(new) < mean(old) and wins > min_win_share * len(new)
-
-
-def routing_moves(candidates=K.CANDIDATES, heads: int = 1) -> list:
-    """One move per candidate policy (per KV head if heads > 1): the layer (head) switches to it.
-    A move maps (layer, policies, budgets) to a candidate (policies, budgets, description) or None."""
-    def switch(policy, head):
-        def move(layer, policies, budgets):
-            routed = K.reroute(policies, layer, policy, head, heads)
-            where = f"layer {layer}" + ("" if head is None else f" head {head}")
-            return None if routed == policies else (routed, budgets, f"{where} -> {policy}")
-        return move
-    return [switch(p, h) for h in ([None] if heads == 1 else range(heads)) for p in candidates]
-
-
-def allocation_moves(order: list[int], quantum: int, low: int, high: int) -> list:
-    """Two moves: `quantum` tokens into the layer from the least sensitive layer that can give
-    (last in `order`), and out of it to the most sensitive one that can take."""
-    def give(layer, policies, budgets):
-        donor = next((l for l in reversed(order) if K.move_budget(budgets, l, layer, quantum, low, high)), None)
-        return None if donor is None else (policies, K.move_budget(budgets, donor, layer, quantum, low, high),
-                                           f"+{quantum} to layer {layer} from {donor}")
-
-    def take(layer, policies, budgets):
-        taker = next((l for l in order if K.move_budget(budgets, layer, l, quantum, low, high)), None)
-        return None if taker is None else (policies, K.move_budget(budgets, layer, taker, quantum, low, high),
-                                           f"-{quantum} from layer {layer} to {taker}")
-    return [give, take]
-
-
-def search(objective, policies: list[str], budgets: list[int], order: list[int], moves: list,
-           max_evals: int = 100, max_sweeps: int = 3, min_win_share: float = 0.5):
-    """Coordinate descent over layers in `order` (most sensitive first): each layer tries each move
-    in turn, and a candidate replaces the plan only if `is_better`, so the result is never worse
-    than the start. objective(policies, budgets) -> KL per sample.
-    Returns (policies, budgets, mean KL, trace)."""
-    best, evals = objective(policies, budgets), 1
-    trace = [{"step": "start", "kl": mean(best)}]
-    for _ in range(max_sweeps):
-        changed = False
-        for layer in order:
-            for move in moves:
-                candidate = move(layer, policies, budgets)
-                if candidate is None or evals >= max_evals:
-                    continue
-                kls, evals = objective(candidate[0], candidate[1]), evals + 1
-                if is_better(kls, best, min_win_share):
-                    policies, budgets, best, changed = candidate[0], candidate[1], kls, True
-                    trace.append({"step": candidate[2], "kl": mean(kls)})
-        if not changed or evals >= max_evals:
-            break
-    trace.append({"step": "end", "kl": mean(best), "evaluations": evals})
-    return policies, budgets, mean(best), trace
 
 
 # -----------------------------------------------------------------------------
@@ -295,8 +251,9 @@ def build_references(model, tokenizer, model_dir, samples: list[dict], cs: Calib
     stop_ids = CK.stop_token_ids(model_dir, tokenizer)
     refs = []
     for s in tqdm(samples, desc=desc):
-        ids, _ = bench.prompt_ids(tokenizer, s, cs.max_length)
-        refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window))
+        ids, n_context = bench.prompt_ids(tokenizer, s, cs.max_length)
+        refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window,
+                                    n_context if cs.query == "agnostic" else None))
     return refs
 
 
@@ -352,8 +309,10 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, se
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
+    def recorded(info: dict, key: str):  # plans written before the query field existed were query-aware
+        return {"query": "aware", **info[key]} if key == "calibration_settings" and key in info else info.get(key)
     plans = [K.load_plan(p) for p in paths.values()]
-    same = all(p.model == model_name and p.settings == settings and all(p.info.get(k) == v for k, v in record.items())
+    same = all(p.model == model_name and p.settings == settings and all(recorded(p.info, k) == v for k, v in record.items())
                for p in plans)
     return paths if same else None
 
@@ -375,6 +334,8 @@ def parse_args(argv):
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
+    p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
+                   "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     p.add_argument("--tova-agg", choices=P.AGGREGATIONS, default=P.Settings().tova_agg,

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import calibrate as C
+import search as S
 import longbench as LB
 import checkpoint as CK
 import polykv as K
@@ -161,8 +162,8 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
         cal = parent.info["calibration"]
         sens = cal["signals"]["sensitivity"] or [0.0] * len(parent.budgets)
         order = sorted(range(len(parent.policies)), key=lambda l: -sens[l])
-        pol, bud, kl, trace = C.search(objective, parent.policies, parent.budgets, order,
-                                     C.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
+        pol, bud, kl, trace = S.search(objective, parent.policies, parent.budgets, order,
+                                     S.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
         val_kl = C.mean(C.plan_sample_kl(model, r, K.Plan(pol, bud, settings=first.settings)) for r in val_refs)
         info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
                                                "refined_from": {k: cal[k] for k in ("in_sample_kl", "validation_kl")}}}

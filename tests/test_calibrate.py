@@ -2,12 +2,14 @@
 objectives against the plain teacher-forced pass, and a whole run on a tiny model."""
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 import calibrate as C
+import search as S
 import longbench as LB
 import checkpoint as CK
 import model as M
@@ -31,7 +33,7 @@ def separable_objective(best_policy: list[str], weight: list[float]):
 def test_routing_moves_find_the_best_policy_of_each_layer():
     best = ["h2o", "snapkv", "tova", "h2o", "knorm", "snapkv", "streamingllm", "tova"]
     objective = separable_objective(best, [1.0] * 8)
-    policies, budgets, kl, trace = C.search(objective, ["h2o"] * 8, [128] * 8, list(range(8)), C.routing_moves())
+    policies, budgets, kl, trace = S.search(objective, ["h2o"] * 8, [128] * 8, list(range(8)), S.routing_moves())
     assert policies == best and budgets == [128] * 8
     assert kl == pytest.approx(8 / 128)
 
@@ -41,9 +43,9 @@ def test_head_level_routing_finds_the_best_policy_of_each_head():
 
     def objective(policies, budgets):  # one unit per KV head whose policy is not its best
         return [sum(p != b for pol, heads in zip(policies, best) for p, b in zip(K.head_policies(pol, 2), heads))]
-    whole = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), C.routing_moves())
+    whole = S.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), S.routing_moves())
     assert whole[2] == 3  # a whole layer can match at most one of two disagreeing heads
-    policies, budgets, cost, _ = C.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), C.routing_moves(heads=2))
+    policies, budgets, cost, _ = S.search(objective, ["h2o"] * 4, [64] * 4, list(range(4)), S.routing_moves(heads=2))
     assert policies == ["h2o/tova", "snapkv", "knorm/h2o", "streamingllm/snapkv"] and cost == 0 and budgets == [64] * 4
 
 
@@ -51,7 +53,7 @@ def test_allocation_moves_budget_to_the_sensitive_layers():
     weight = [1, 1, 50, 1, 10, 1]
     objective = separable_objective(["h2o"] * 6, weight)
     order = sorted(range(6), key=lambda l: -weight[l])
-    policies, budgets, kl, _ = C.search(objective, ["h2o"] * 6, [128] * 6, order, C.allocation_moves(order, 16, 32, 512),
+    policies, budgets, kl, _ = S.search(objective, ["h2o"] * 6, [128] * 6, order, S.allocation_moves(order, 16, 32, 512),
                                         max_evals=1000, max_sweeps=50)
     assert sum(budgets) == 6 * 128 and min(budgets) >= 32 and max(budgets) <= 512
     assert budgets[2] > budgets[4] > budgets[0]
@@ -69,8 +71,8 @@ def test_search_is_never_worse_than_its_start(seed, route, allocate):
                                   + rng.random() * 0.1 for _ in range(3)]  # three noisy "samples"
     start_p, start_b = [rng.choice(POLICIES) for _ in range(n)], [96] * n
     start = C.mean(objective(start_p, start_b))
-    moves = (C.routing_moves() if route else []) + (C.allocation_moves(list(range(n)), 32, 32, 256) if allocate else [])
-    policies, budgets, kl, trace = C.search(objective, start_p, start_b, list(range(n)), moves, max_evals=30)
+    moves = (S.routing_moves() if route else []) + (S.allocation_moves(list(range(n)), 32, 32, 256) if allocate else [])
+    policies, budgets, kl, trace = S.search(objective, start_p, start_b, list(range(n)), moves, max_evals=30)
     assert kl <= trace[0]["kl"] and sum(budgets) == sum(start_b)
     assert all(32 <= b <= 256 for b in budgets)
     assert trace[0]["kl"] == pytest.approx(start, abs=0.2)
@@ -86,9 +88,9 @@ def test_a_change_must_win_on_most_samples():
         if policies[1] == "snapkv":
             kls = [k - 0.05 * (i < 3) for i, k in enumerate(kls)]
         return kls
-    moves = C.routing_moves(("h2o", "snapkv", "tova"))
-    assert C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.0)[0] == ["tova", "snapkv"]
-    policies, _, kl, trace = C.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.5)
+    moves = S.routing_moves(("h2o", "snapkv", "tova"))
+    assert S.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.0)[0] == ["tova", "snapkv"]
+    policies, _, kl, trace = S.search(objective, ["h2o"] * 2, [64] * 2, [0, 1], moves, min_win_share=0.5)
     assert policies == ["h2o", "snapkv"] and kl == pytest.approx(0.9625)
     assert [t["step"] for t in trace] == ["start", "layer 1 -> snapkv", "end"]
 
@@ -137,6 +139,33 @@ def test_single_layer_kl_is_the_plain_pass_with_one_layer_compressed():
         plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
         assert C.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
     assert ref.cache.lengths == [300] * 4  # the full prefill is untouched
+
+
+def test_query_agnostic_reference_scores_the_answer_read_through_the_compressed_context():
+    """Query-agnostic: only the context is prefilled (and compressed); the question and FullKV's answer
+    are teacher-forced on top, and the objective scores the answer's tokens only - the same KL as the
+    plain pass, and zero when nothing is evicted."""
+    model = tiny()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16, n_context=260)
+    assert ref.cache.lengths == [260] * 4 and ref.continuation[:40].tolist() == ids[260:]
+    assert ref.scored_from == 39 and len(ref.full_logprobs) == len(ref.continuation) - 40 == 12
+    full = ref.cache.clone()  # FullKV: the answer is the greedy continuation of context + question
+    assert M.generate(model, full, M.forward(model, torch.tensor([ids[260:]]), full, last_only=True), 12) == \
+        ref.continuation[40:].tolist()
+    s = P.Settings(window=16)
+    for layer, policy, budget in [(0, "snapkv", 64), (2, "h2o", 40), (3, "knorm", 100)]:
+        budgets = [10_000] * 4
+        budgets[layer] = budget
+        plan = K.Plan([policy] * 4, budgets, settings=s)
+        logprobs = K.teacher_forced_logprobs(model, K.apply_plan(ref.cache, ref.stats, plan, 60), ref.continuation)
+        plain = K.mean_kl(ref.full_logprobs, logprobs[39:]).item()
+        assert C.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
+        assert plain > 0
+    uniform = K.Plan(["snapkv"] * 4, [64] * 4, settings=s)
+    logprobs = K.teacher_forced_logprobs(model, K.apply_plan(ref.cache, ref.stats, uniform, 60), ref.continuation)
+    assert C.plan_sample_kl(model, ref, uniform) == pytest.approx(K.mean_kl(ref.full_logprobs, logprobs[39:]).item(), rel=1e-5)
+    assert C.plan_sample_kl(model, ref, K.Plan(["snapkv"] * 4, [300] * 4, settings=s)) == pytest.approx(0, abs=1e-6)
 
 
 def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
@@ -226,6 +255,14 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
         m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
+        for path in paths[48].values():  # plans written before the query field existed: query-aware, kept too
+            info = json.loads(path.read_text())
+            del info["calibration_settings"]["query"]
+            path.write_text(json.dumps(info))
+        assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
+    agnostic = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "agnostic", replace(cs, query="agnostic"),
+                     P.Settings(), longbench_dir)
+    assert K.load_plan(agnostic[48]["polykv"]).info["calibration_settings"]["query"] == "agnostic"
     refined = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, C.CalibrationSettings(
         n_samples=4, n_validation=2, max_length=200, n_continuation=6, refine=True, max_evals=8), P.Settings(), longbench_dir)
     cal = K.load_plan(refined[48]["polykv"]).info["calibration"]

@@ -38,15 +38,15 @@ def test_a_new_policy_is_one_function_and_one_registry_entry(monkeypatch):
 
 
 def test_cli_choices_come_from_the_registry():
-    import calibrate as C
     import longbench_eval as E
     import polykv as K
+    import search as S
     assert K.CANDIDATES == tuple(p for p in P.SCORERS if p != "random")
     assert K.METHODS == ("fullkv",) + tuple(P.SCORERS) + ("pyramidkv",) + K.PLAN_METHODS
     assert E.parse_settings(["--methods", *K.METHODS]).methods == K.METHODS  # --methods takes every method
     with pytest.raises(SystemExit):
         E.parse_settings(["--methods", "lru"])
-    assert len(C.routing_moves()) == len(K.CANDIDATES)  # the search routes among the candidates
+    assert len(S.routing_moves()) == len(K.CANDIDATES)  # the search routes among the candidates
 
 
 def test_the_window_default_is_written_once():
@@ -77,7 +77,7 @@ def test_no_pointers_outside_the_repository():
             assert needle not in text, f"{path.name} mentions {needle!r}"
 
 
-@pytest.mark.parametrize("name", ["calibrate.py", "longbench_eval.py", "run_settings.py", "report.py"])
+@pytest.mark.parametrize("name", ["calibrate.py", "search.py", "longbench_eval.py", "run_settings.py", "report.py"])
 def test_the_top_floors_read_in_one_sitting(name):
     """The calibration and the evaluation: each file about 400 lines at most, no function over about 40."""
     text = (ROOT / name).read_text()

@@ -210,15 +210,16 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
     """{plan name: {policies, budgets, signals, calibration record}} for one target average budget."""
     n = model.cfg.n_layers
     objective = lambda p, b: [plan_sample_kl(model, r, K.Plan(p, b, settings=settings)) for r in refs]  # noqa: E731
-    validate = lambda p, b: mean(plan_sample_kl(model, r, K.Plan(p, b, settings=settings)) for r in val_refs)  # noqa: E731
+    validate = lambda p, b: [round(plan_sample_kl(model, r, K.Plan(p, b, settings=settings)), 6) for r in val_refs]  # noqa: E731
     layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low = settings.window
     high = max(average, min(4 * average, max(r.cache.lengths[0] for r in refs)), low)
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
     best = min(uniform, key=uniform.get)
+    best_val = validate([best] * n, [average] * n)  # per validation sample: paired comparisons need them
     table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best],
-             "best_uniform_validation_kl": validate([best] * n, [average] * n), "order": cs.order}
+             "best_uniform_validation_kl": mean(best_val), "best_uniform_validation_kls": best_val, "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
     out = {}
     for name, (policies, budgets, signals) in paper_plans(lambda *a: layer_kl(*a), best, n, average, low, high,
@@ -233,7 +234,8 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
             policies, budgets, _, record["search_trace"] = search(objective, policies, budgets, order, moves,
                                                                   cs.max_evals, min_win_share=cs.min_win_share)
         record["in_sample_kl"] = mean(objective(policies, budgets))
-        record["validation_kl"] = validate(policies, budgets)
+        record["validation_kls"] = validate(policies, budgets)
+        record["validation_kl"] = mean(record["validation_kls"])
         out[name] = {"policies": policies, "budgets": budgets, "calibration": record}
         print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}, validation KL "
               f"{record['validation_kl']:.4f} (best uniform {best}: {table['best_uniform_validation_kl']:.4f})")

@@ -244,6 +244,7 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
         assert set(ids) <= {s["_id"] for ss in pool.values() for s in ss} and not set(ids) & evaluated
         assert cal["signals"]["sensitivity_budget"] == 32 and cal["best_uniform"] in K.CANDIDATES
         assert {"in_sample_kl", "validation_kl", "best_uniform_validation_kl"} <= set(cal)
+        assert len(cal["validation_kls"]) == 2 and cal["validation_kl"] == pytest.approx(sum(cal["validation_kls"]) / 2)
     polykv = K.load_plan(paths[48]["polykv"])
     pref = polykv.info["calibration"]["signals"]["preference"]  # recorded signals reproduce the routing
     assert polykv.policies == [min(row, key=row.get) for row in pref]

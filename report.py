@@ -24,9 +24,25 @@ BOOTSTRAP_RESAMPLES = 2000
 # ----------------------------------------------------------------------------- calibration
 
 
+BASELINE_OF = {"polykv_routing": "uniform", "polykv_allocation": "uniform", "polykv": "polykv_allocation"}  # the targets
+
+
+def paired_validation(plans: dict, name: str) -> str:
+    """The plan's validation KL minus its comparison's (routing or allocation alone: the best uniform
+    policy; PolyKV: allocation alone), paired over the validation samples, with a 95% interval."""
+    cal, other = plans[name].info["calibration"], BASELINE_OF.get(name)
+    mine = cal.get("validation_kls")
+    theirs = cal.get("best_uniform_validation_kls") if other == "uniform" else \
+        plans[other].info["calibration"].get("validation_kls") if other in plans else None
+    if not mine or not theirs:
+        return "–"
+    return f"{other}: " + interval(bootstrap_difference({"all": mine}, {"all": theirs}), 4)
+
+
 def calibration_table(plan_dir: Path) -> str:
     """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
-    rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL |", "|---" * 6 + "|"]
+    rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL | "
+            "validation KL minus (paired, 95%) |", "|---" * 7 + "|"]
     for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
         budget = int(budget_dir.name[6:])
         plans = {n: K.load_plan(path) for n in K.PLAN_METHODS if (path := K.plan_path(plan_dir, budget, n)).is_file()}
@@ -34,14 +50,14 @@ def calibration_table(plan_dir: Path) -> str:
             continue
         cal = next(iter(plans.values())).info["calibration"]
         rows.append(f"| {budget} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
-                    f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} |")
+                    f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} | |")
         for name, plan in plans.items():
             routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in P.SCORERS if p in plan.policies)
             split = sum("/" in p for p in plan.policies)
             routing += f", {split} split by KV head" if split else ""
             c = plan.info["calibration"]
             rows.append(f"| | {name} | {routing} | {min(plan.budgets)} … {max(plan.budgets)} | "
-                        f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} |")
+                        f"{c['in_sample_kl']:.4f} | {c['validation_kl']:.4f} | {paired_validation(plans, name)} |")
     return "\n".join(rows)
 
 

@@ -253,6 +253,10 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     table = report.calibration_table(tmp_path)  # read back from the JSONs
     kl = polykv.info["calibration"]["validation_kl"]
     assert "| 48 | uniform " in table and f"| {kl:.4f} |" in table and table.count("\n") == 5
+    alone = K.load_plan(paths[48]["polykv_allocation"]).info["calibration"]["validation_kls"]
+    mine = polykv.info["calibration"]["validation_kls"]
+    difference = sum(mine) / 2 - sum(alone) / 2  # paired: PolyKV minus allocation alone, per validation sample
+    assert f"polykv_allocation: {difference:+.4f} [" in table
     with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
         m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths

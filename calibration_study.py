@@ -6,7 +6,7 @@ Experiments on the calibration: does what it learns hold on samples it never saw
 
 - Learning curve: for n calibration samples (nested draws from longbench.calibration_pool), the
   paper's calibration in both orders (routing first, allocation first) and the search on top of
-  it (calibrate.search), each plan scored on one fixed validation set, next to the best uniform
+  it (search.search), each plan scored on one fixed validation set, next to the best uniform
   policy chosen on the same n samples.
 - Leave one family out (--family): PolyKV calibrated with and without a task family's samples,
   both scored on held-out samples of that family: how much of the in-family gain survives.

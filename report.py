@@ -228,9 +228,13 @@ def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) ->
     """Per budget, per PolyKV variant: its score minus the best baseline's and minus FullKV's, and its
     teacher-forced KL minus the lowest baseline KL, with bootstrap intervals (noise or a real gap?).
     Also FullKV's score minus the best baseline's: the gap itself."""
-    def paired_kl(a: list, b: list) -> list[float] | None:  # samples with a KL for both (FullKV said >= 2 tokens)
+    def paired_kl(a: list, b: list) -> tuple[list | None, list | None]:  # samples with a KL for both (FullKV said >= 2 tokens)
         pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-        return bootstrap_difference({"all": [x for x, _ in pairs]}, {"all": [y for _, y in pairs]}) if pairs else None
+        if not pairs:
+            return None, None
+        mine, best = {"all": [x for x, _ in pairs]}, {"all": [y for _, y in pairs]}
+        negated = lambda d: {"all": [-x for x in d["all"]]}  # noqa: E731 (gap recovery: higher is better; FullKV's KL is 0)
+        return bootstrap_difference(mine, best), bootstrap_gap_recovery(negated(mine), negated(best), {"all": [0.0] * len(pairs)})
     out = {}
     for b in sorted({k for per in scores.values() for k in per if k != "full"}, key=int):
         found = best_baselines(scores, fid, b)
@@ -241,11 +245,12 @@ def score_differences(scores: dict, fid: dict, per_sample: dict, tf_kl: dict) ->
                   "fullkv_minus_best": bootstrap_difference(per_sample["fullkv", "full"], per_sample[best, b])}
         for m in [m for m in scores if K.is_plan_method(m)]:
             if (m, b) in per_sample:
+                kl_minus_best, kl_recovery = paired_kl(tf_kl[m, b], tf_kl[best_kl, b]) if best_kl else (None, None)
                 out[b][m] = {"minus_best": bootstrap_difference(per_sample[m, b], per_sample[best, b]),
                              "gap_recovery": bootstrap_gap_recovery(per_sample[m, b], per_sample[best, b],
                                                                     per_sample["fullkv", "full"]),
                              "minus_fullkv": bootstrap_difference(per_sample[m, b], per_sample["fullkv", "full"]),
-                             "tf_kl_minus_best": paired_kl(tf_kl[m, b], tf_kl[best_kl, b]) if best_kl else None}
+                             "tf_kl_minus_best": kl_minus_best, "tf_kl_gap_recovery": kl_recovery}
     return out
 
 
@@ -299,10 +304,11 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
         lines += table("method", budgets, rows)
     rows = [["lowest-KL baseline"] + [str(at(b).get("best_baseline_tf_kl", "–")) for b in budgets]]
     for n in [m for m in scores if K.is_plan_method(m)]:
-        cells = [at(b).get(n, {}).get("tf_kl_minus_best") for b in budgets]
-        if any(cells):
-            rows.append([n] + ["–" if d is None else interval(d, 4) for d in cells])
-    lines += ["\nTeacher-forced KL minus the lowest baseline KL, same bootstrap over samples:\n"]
+        cells = [(at(b).get(n, {}).get("tf_kl_minus_best"), at(b).get(n, {}).get("tf_kl_gap_recovery")) for b in budgets]
+        if any(d for d, _ in cells):
+            rows.append([n] + ["–" if d is None else f"{interval(d, 4)}; {pct_interval(g)}" for d, g in cells])
+    lines += ["\nTeacher-forced KL minus the lowest baseline KL; the share of that baseline's KL removed (KL gap "
+              "recovery: FullKV's KL is 0), same bootstrap over samples:\n"]
     lines += table("method", budgets, rows)
     rows = [[m] + [fmt(per.get(str(b), {}).get("tf_kl"), 4) for b in budgets] for m, per in fid.items() if m != "fullkv"]
     return lines + ["\n### Summary: teacher-forced KL(FullKV || method), lower is better\n"] + table("method", budgets, rows)

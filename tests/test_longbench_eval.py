@@ -283,6 +283,8 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
     assert d["polykv"]["minus_best"][0] == pytest.approx(
         metrics["scores"]["polykv"]["48"]["average"] - metrics["scores"]["snapkv"]["48"]["average"])
     assert d["polykv"]["tf_kl_minus_best"][0] == pytest.approx(fid["polykv"]["48"]["tf_kl"] - fid["snapkv"]["48"]["tf_kl"])
+    assert d["polykv"]["tf_kl_gap_recovery"][0] == pytest.approx(gap["tf_kl"])  # the point: the same share, 1 - KL / best KL
+    assert d["polykv"]["tf_kl_gap_recovery"][1] <= gap["tf_kl"] <= d["polykv"]["tf_kl_gap_recovery"][2]
     # asking explicitly for a calibration sample (a plan's, or the reserve's) is refused
     reserved = sorted(LB.reserved_ids(LB.load_samples(data)))[0]
     for asked in (free["hotpotqa"][0], reserved):

@@ -79,7 +79,7 @@ def test_duplicate_budgets_run_once(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, *a, **k: asked.append(budgets))
     monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
     C.main(["--budgets", "512", "128", "512", "--model", str(ckpt), "--out", str(tmp_path)])
-    assert asked == [[128, 512]]
+    assert asked == [[512, 128]]  # once each, calibrated in the order given
 
 
 @pytest.mark.parametrize("argv,message", [(["--budgets", "-5"], "below the observation window"),

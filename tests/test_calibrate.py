@@ -283,15 +283,6 @@ def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
             C.main(argv)
 
 
-def test_budgets_are_calibrated_in_the_order_given(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
-    """--budgets 512 128 calibrates 512 first (a long run's most wanted budget is written first), once each."""
-    seen = []
-    monkeypatch.setattr(C, "run", lambda model, tokenizer, model_dir, budgets, *a, **k: seen.append(budgets))
-    C.main(["--budgets", "512", "128", "512", "64", "--model", str(tiny_checkpoint), "--data-dir", str(longbench_dir),
-            "--out", str(tmp_path)])
-    assert seen == [[512, 128, 64]]
-
-
 def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint, tmp_path):
     """RULER samples build their own prompts (chat-wrapped task + answer prefix), from calibration seeds."""
     import ruler as R

@@ -167,6 +167,11 @@ def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
     return scored_kl(ref, logits)
 
 
+def sample_kls(model, refs: list[Reference], plan: K.Plan) -> list[float]:
+    """The joint objective of a plan on each reference (the search's input; averaged, a validation KL)."""
+    return [plan_sample_kl(model, r, plan) for r in refs]
+
+
 # -----------------------------------------------------------------------------
 # The paper's calibration: routing and allocation from single-layer signals
 
@@ -209,8 +214,8 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
                      cs: CalibrationSettings, settings: P.Settings) -> dict[str, dict]:
     """{plan name: {policies, budgets, signals, calibration record}} for one target average budget."""
     n = model.cfg.n_layers
-    objective = lambda p, b: [plan_sample_kl(model, r, K.Plan(p, b, settings=settings)) for r in refs]  # noqa: E731
-    validate = lambda p, b: [round(plan_sample_kl(model, r, K.Plan(p, b, settings=settings)), 6) for r in val_refs]  # noqa: E731
+    objective = lambda p, b: sample_kls(model, refs, K.Plan(p, b, settings=settings))  # noqa: E731
+    validate = lambda p, b: [round(kl, 6) for kl in sample_kls(model, val_refs, K.Plan(p, b, settings=settings))]  # noqa: E731
     layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low = settings.window

@@ -316,11 +316,10 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, se
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
-    def recorded(info: dict, key: str):  # plans written before the query field existed were query-aware
-        return {"query": "aware", **info[key]} if key == "calibration_settings" and key in info else info.get(key)
     plans = [K.load_plan(p) for p in paths.values()]
-    same = all(p.model == model_name and p.settings == settings and all(recorded(p.info, k) == v for k, v in record.items())
-               for p in plans)
+    recorded = [{**p.info, "calibration_settings": K.calibration_settings(p)} for p in plans]
+    same = all(p.model == model_name and p.settings == settings and all(r.get(k) == v for k, v in record.items())
+               for p, r in zip(plans, recorded))
     return paths if same else None
 
 # -----------------------------------------------------------------------------

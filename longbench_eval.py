@@ -111,6 +111,10 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
                          f"{', '.join(have) or 'none'}). Make them with: python calibrate.py --model {model_dir} "
                          f"--budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))}"
                          + (f" --data-dir {s.data_dir}" if s.data_dir else "") + ", or pass --plan FILE")
+    for m, b in wanted:  # allowed (a transfer between modes is an experiment), but never silently
+        mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
+        if mode != s.query:
+            print(f"note: the {m} plan for budget {b} was calibrated query-{mode}; this run compresses query-{s.query}")
     return {k: every[k] for k in wanted}, excluded
 
 

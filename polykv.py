@@ -168,6 +168,13 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
     return plan
 
 
+def calibration_settings(plan: Plan) -> dict | None:
+    """The calibration settings a plan records (None for a plan written by hand). Plans calibrated
+    before query-agnostic calibration existed were query-aware, and read so here."""
+    recorded = plan.info.get("calibration_settings")
+    return None if recorded is None else {"query": "aware", **recorded}
+
+
 def is_plan_method(method: str) -> bool:
     """PolyKV and its variants: every method whose per-layer plan comes from a calibration."""
     return method.startswith("polykv")

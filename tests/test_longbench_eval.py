@@ -292,6 +292,24 @@ def test_plans_exclude_their_samples_for_every_method(ckpt, data, tmp_path, caps
         assert "both calibration and evaluation" in capsys.readouterr().err
 
 
+def test_a_plan_evaluated_in_the_other_query_mode_is_named(ckpt, data, tmp_path, capsys):
+    """Plans record the query mode they were calibrated for (those written before the field: query-aware);
+    evaluating one in the other mode is allowed (a transfer) and said."""
+    paths = save_plans(tmp_path, ckpt.name)
+    for path, recorded in zip(paths, ({"n_samples": 16}, {"n_samples": 16, "query": "agnostic"})):
+        doc = json.loads(Path(path).read_text())
+        Path(path).write_text(json.dumps({**doc, "calibration_settings": recorded}))
+    extra = ["--plan", *paths, "--methods", "polykv", "polykv_routing", "--limit", "1"]
+    assert E.main(args(ckpt, data, tmp_path / "agnostic", *extra, "--query", "agnostic")) == 0
+    out = capsys.readouterr().out
+    assert "the polykv plan for budget 48 was calibrated query-aware; this run compresses query-agnostic" in out
+    assert "polykv_routing plan" not in out
+    assert E.main(args(ckpt, data, tmp_path / "aware", *extra)) == 0
+    out = capsys.readouterr().out
+    assert "the polykv_routing plan for budget 48 was calibrated query-agnostic; this run compresses query-aware" in out
+    assert "the polykv plan" not in out
+
+
 def test_every_budget_evaluates_the_same_samples(ckpt, data, tmp_path):
     """With or without a plan at that budget, with or without PolyKV: the committed plans and the
     reserve are excluded whatever is asked, so the samples never depend on the budgets."""

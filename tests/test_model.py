@@ -230,6 +230,31 @@ def test_rope_tables_are_computed_once_and_grow_when_needed(tmp_path, monkeypatc
     assert torch.equal(ours.rope_cos, cos) and torch.equal(ours.rope_sin, sin)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_few_rows_are_split_across_threads_with_the_same_values(rows, monkeypatch):
+    """A few rows: one bmm over column blocks of the weight (stored transposed, as load_model stores
+    it), one block per thread. Many rows, an output size the threads do not divide, or a weight
+    stored (out, in): nn.Linear's path. Both give nn.Linear's values."""
+    bmm_calls, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or bmm(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 3 blocks, also on a machine with fewer cores
+    try:
+        torch.manual_seed(0)
+        for n_out, bias, transposed in ((96, False, True), (96, True, True), (95, False, True), (96, False, False)):
+            layer = M.Linear(48, n_out, bias=bias)
+            if transposed:
+                layer.weight.data = layer.weight.data.t().contiguous().t()
+            x = torch.randn(1, rows, 48)
+            bmm_calls.clear()
+            got = layer(x)
+            assert got.shape == (1, rows, n_out)
+            assert torch.allclose(got, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+            assert len(bmm_calls) == (rows <= M.Linear.max_split_rows and n_out % 3 == 0 and transposed)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_long_prompt_mlp_in_pieces_is_exact(tmp_path, monkeypatch):
     tiny_hf("qwen3", tmp_path)
     ours = CK.load_model(tmp_path)

@@ -194,14 +194,14 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
     preference = lambda budgets: [{p: layer_kl(l, p, b) for p in K.CANDIDATES} for l, b in enumerate(budgets)]  # noqa: E731
     sensitivity = lambda policies: K.sensitivity(layer_kl, policies, sens_budget)  # noqa: E731
     allocate = lambda sens: K.allocate(sens, average, low, high)  # noqa: E731
-    routed, best_sens = K.route(layer_kl, even), sensitivity([best] * n)
+    routed, best_sens = K.route(layer_kl, even, prefer=best), sensitivity([best] * n)
     allocated = allocate(best_sens)
     signal = lambda pref, sens: {"preference": pref, "sensitivity": sens, "sensitivity_budget": sens_budget}  # noqa: E731
     if order == "route-allocate":
         routed_sens = sensitivity(routed)
         both = (routed, allocate(routed_sens), signal(preference(even), routed_sens))
     else:
-        both = (K.route(layer_kl, allocated), allocated, signal(preference(allocated), best_sens))
+        both = (K.route(layer_kl, allocated, prefer=best), allocated, signal(preference(allocated), best_sens))
     return {"polykv": both, "polykv_routing": (routed, even, signal(preference(even), None)),
             "polykv_allocation": ([best] * n, allocated, signal(None, best_sens))}
 

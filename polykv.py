@@ -316,11 +316,17 @@ def continuation_kl(full_logprobs: torch.Tensor, model: M.Transformer, compresse
 LayerKL = Callable[[int, str, int], float]  # (layer, policy, budget) -> KL with only that layer compressed
 
 
-def route(layer_kl: LayerKL, budgets: list[int], candidates=CANDIDATES) -> list[str]:
+def route(layer_kl: LayerKL, budgets: list[int], candidates=CANDIDATES, prefer: str | None = None) -> list[str]:
     """Routing, from each layer's *eviction preference*: layer l takes the candidate policy with
     the lowest end-to-end KL to FullKV when only layer l is compressed, at its own budget
-    (every other layer keeps everything), averaged over the calibration samples."""
-    return [min(candidates, key=lambda p: layer_kl(layer, p, budget)) for layer, budget in enumerate(budgets)]
+    (every other layer keeps everything), averaged over the calibration samples.
+
+    Equal KLs go to `prefer` (the calibration passes its best uniform policy). They happen where
+    a layer's budget is at least the calibration prompts' length: nothing is evicted, so every
+    candidate scores the same, yet on a longer prompt that layer does evict, and the candidate
+    that merely comes first in the list (StreamingLLM) may be the worst choice there."""
+    ranked = sorted(candidates, key=lambda p: p != prefer)  # `prefer` first: min keeps the first of equals
+    return [min(ranked, key=lambda p: layer_kl(layer, p, budget)) for layer, budget in enumerate(budgets)]
 
 
 def sensitivity(layer_kl: LayerKL, policies: list[str], budget: int) -> list[float]:

@@ -250,6 +250,15 @@ def test_route_picks_each_layers_lowest_single_layer_kl():
     assert sorted(set(asked)) == [64, 128]
 
 
+def test_route_gives_equal_kls_to_the_preferred_policy():
+    """A budget that keeps every calibration token: every candidate's KL is the same (0); the layer
+    takes the preferred policy, not whichever candidate is listed first."""
+    layer_kl = lambda layer, policy, budget: 0.0 if budget >= 2048 else {"streamingllm": 0.3, "snapkv": 0.1, "tova": 0.2}[policy]  # noqa: E731
+    candidates = ("streamingllm", "snapkv", "tova")
+    assert K.route(layer_kl, [2078, 512, 2048], candidates) == ["streamingllm", "snapkv", "streamingllm"]
+    assert K.route(layer_kl, [2078, 512, 2048], candidates, prefer="tova") == ["tova", "snapkv", "tova"]
+
+
 def test_sensitivity_is_the_single_layer_kl_at_the_layers_policy():
     kl = lambda layer, policy, budget: {"h2o": 1.0, "tova": 2.0}[policy] * (layer + 1) / budget  # noqa: E731
     assert K.sensitivity(kl, ["h2o", "tova", "h2o"], 32) == [1 / 32, 4 / 32, 3 / 32]

@@ -78,6 +78,30 @@ def test_prefill_then_decode_equals_one_forward(tmp_path):
     assert cache.next_pos == 57 and cache.lengths == [57] * 3
 
 
+def test_last_only_equals_the_last_row_of_a_full_forward(tmp_path):
+    """last_only runs the last block for the last position alone; its logits and the cache it
+    leaves equal a full forward's: on an empty cache, N tokens on top of a cache, and a padded batch."""
+    tiny_hf("qwen2", tmp_path)
+    ours = CK.load_model(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 60))
+    _, cache = M.prefill(ours, ids[:, :40])
+    short = cache.clone()
+    for layer in range(3):  # a compressed cache: layers of different lengths
+        short.set_layer(layer, cache.keys(layer)[:, :, -10 * (layer + 1):], cache.values(layer)[:, :, -10 * (layer + 1):])
+    cases = [(lambda: M.KVCache(3), ids), (cache.clone, ids[:, 40:]), (short.clone, ids[:, 40:]),
+             (lambda: M.stack_caches([cache, short]), ids[:, 40:].expand(2, -1))]  # the batch: padded slots
+    for make, tokens in cases:
+        a, b = make(), make()
+        full = M.forward(ours, tokens, a)[:, -1]
+        last = M.forward(ours, tokens, b, last_only=True)
+        assert torch.allclose(last, full, atol=1e-5)
+        assert a.lengths == b.lengths and all(torch.equal(a.keys(l), b.keys(l)) for l in range(3))
+    rows = []  # what the last MLP computed: one position with last_only, every position without
+    ours.layers[-1].mlp.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
+    M.forward(ours, ids, M.KVCache(3), last_only=True), M.forward(ours, ids, M.KVCache(3))
+    assert rows == [1, 60]
+
+
 def test_chunked_prefill_equals_unchunked(tmp_path):
     tiny_hf("llama31", tmp_path)
     ours = CK.load_model(tmp_path)

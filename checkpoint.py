@@ -18,6 +18,8 @@ from tokenizers import Tokenizer
 
 from model import Config, Transformer, join_fused, rope_frequencies
 
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")  # model.py's families (model_type in config.json)
+
 # -----------------------------------------------------------------------------
 # Weights (safetensors only: never unpickle a checkpoint), config and tokenizer
 
@@ -61,7 +63,36 @@ def load_config(model_dir: str | Path) -> Config:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return Config.from_hf(hf, source=str(path))
+    return config_from_hf(hf, source=str(path))
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> Config:
+    """Read a Hugging Face config.json dict; unsupported settings are errors naming the field."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"{source}: model_type={model_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if field not in hf:
+            raise ValueError(f"{source}: missing field {field!r}")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise ValueError(f"{source}: attention_bias=true is not supported for {model_type}")
+    # transformers v4 writes rope_theta + rope_scaling; v5 folds both into rope_parameters
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("llama3", "default"):
+        raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+    rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    n_heads = hf["num_attention_heads"]
+    return Config(
+        model_type=model_type, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope if kind == "llama3" else None,
+        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+    )
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:

@@ -46,7 +46,7 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
            "eos_token_id": 2}
     (out / "config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
-    model = M.Transformer(M.Config.from_hf(cfg))
+    model = M.Transformer(CK.config_from_hf(cfg))
     tensors = {("model." + k if k != "lm_head.weight" else k): v.detach().normal_(0, 0.5).contiguous()
                for k, v in model.state_dict().items() if k != "lm_head.weight"}
     from safetensors.torch import save_file

@@ -118,7 +118,7 @@ def test_paper_plans_route_and_allocate_from_single_layer_signals():
 
 
 def tiny(n_layers=4, seed=0):
-    cfg = M.Config.from_hf({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
+    cfg = CK.config_from_hf({"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48,
                             "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2})
     torch.manual_seed(seed)
     model = M.Transformer(cfg)

@@ -48,7 +48,7 @@ def ckpt(tmp_path_factory) -> Path:
               tie_word_embeddings=True, eos_token_id=tok.token_to_id("<|im_end|>"))
     (d / "config.json").write_text(json.dumps(hf))
     torch.manual_seed(0)
-    net = M.Transformer(M.Config.from_hf(hf))
+    net = M.Transformer(CK.config_from_hf(hf))
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.3)

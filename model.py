@@ -149,8 +149,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache: "KVCache", layer: int, observe=None, last_query: bool = False) -> torch.Tensor:
-        """x (B, N, dim) -> (B, N, dim); with last_query, (B, 1, dim): the last position's output alone
+    def forward(self, x, cos, sin, cache: "KVCache", layer: int, observe=None, last_only: bool = False) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim); with last_only, (B, 1, dim): the last position's output alone
         (every position's keys and values are still cached, and observe still sees every query)."""
         B, N, _ = x.shape
         nh, n_kv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         k_all, v_all = cache.append(layer, k, v)  # (B, n_kv, L, hd): cached tokens + these N
         if observe is not None:
             observe(layer, q, k_all)
-        if last_query:  # the last query sees every valid cache slot: the one-token path below
+        if last_only:  # the last query sees every valid cache slot: the one-token path below
             q, N = q[:, :, -1:], 1
         L, pad = k_all.shape[2], cache.valid_slots(layer)  # pad: (B, L) in a stacked batch of caches, else None
         if N == L and pad is None:  # a prompt on an empty cache: SDPA's causal kernel, no mask, no L x L matrix
@@ -206,7 +206,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, observe=None, last_only=False):
         """x (B, N, dim) -> (B, N, dim), or (B, 1, dim) for the last position alone if last_only."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, observe, last_query=last_only)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, observe, last_only)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -282,13 +282,12 @@ def forward(model: Transformer, tokens: torch.Tensor, cache: KVCache, observe: O
     x = model.embed_tokens(tokens) if x is None else x  # (B, N, dim)
     N = x.shape[1]
     cos, sin = (t.to(x.dtype) for t in model.rope(cache.next_pos, N))  # (N, hd) each
-    last = model.cfg.n_layers - 1
     for layer in range(start, model.cfg.n_layers):
         if layer_inputs is not None:
             layer_inputs.append(x)
         # with last_only the last block runs attention's output, o_proj and the MLP for the last
         # position alone: the other positions' outputs would feed only logits that are dropped
-        x = model.layers[layer](x, cos, sin, cache, layer, observe, last_only=last_only and layer == last)
+        x = model.layers[layer](x, cos, sin, cache, layer, observe, last_only=last_only and layer == model.cfg.n_layers - 1)
     cache.next_pos += N
     x = model.norm(x[:, -1] if last_only else x)
     return model.lm_head(x).float()

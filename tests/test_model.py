@@ -98,7 +98,8 @@ def test_last_only_equals_the_last_row_of_a_full_forward(tmp_path):
         assert a.lengths == b.lengths and all(torch.equal(a.keys(l), b.keys(l)) for l in range(3))
     rows = []  # what the last MLP computed: one position with last_only, every position without
     ours.layers[-1].mlp.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[1]))
-    M.forward(ours, ids, M.KVCache(3), last_only=True), M.forward(ours, ids, M.KVCache(3))
+    M.forward(ours, ids, M.KVCache(3), last_only=True)
+    M.forward(ours, ids, M.KVCache(3))
     assert rows == [1, 60]
 
 

@@ -42,6 +42,7 @@ import polykv as K
 import policies as P
 import report
 import ruler as R
+import run_folder as RF
 from search import allocation_moves, mean, routing_moves, search
 
 ROOT = Path(__file__).resolve().parent
@@ -364,6 +365,10 @@ def main(argv=None) -> None:
     model_dir = CK.resolve_model_dir(args.model)
     out = args.out or K.PLANS_DIR / model_dir.name
     check_writable(out)
+    for budget in budgets:  # two calibrations of one budget into one folder would overwrite each other's plans
+        folder = K.plan_path(out, budget, "polykv").parent
+        folder.mkdir(exist_ok=True)
+        RF.take_lock(folder)
     data_dir = LB.find_data_dir(args.data_dir, ROOT)
     if data_dir is None:
         print("no LongBench folder given or found: calibrating on RULER samples (seeds disjoint from evaluation's)")

@@ -55,7 +55,7 @@ def open_writer(path: Path):
 
 def take_lock(out: Path) -> Path:
     """Hold out/.lock for this process, so a second run into the same folder (which would replace
-    predictions.jsonl under the first one) is refused, naming the folder and the other process. A lock
+    the first one's records or plans under it) is refused, naming the folder and the other process. A lock
     left by a process that no longer runs is taken over. Released with release_lock (or at exit)."""
     path = Path(out) / ".lock"
     holder = path.read_text().strip() if path.is_file() else ""

@@ -82,6 +82,30 @@ def test_duplicate_budgets_run_once(ckpt, tmp_path, monkeypatch):
     assert asked == [[512, 128]]  # once each, calibrated in the order given
 
 
+def test_a_calibration_of_a_budget_another_process_calibrates_into_the_same_folder_is_refused(ckpt, tmp_path, monkeypatch):
+    held = tmp_path / "budget64"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import time, run_folder as RF; from pathlib import Path; "
+                               f"RF.take_lock(Path({str(held)!r})); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    asked = []
+    monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, *a, **k: asked.append(budgets))
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+        with pytest.raises(ValueError, match=f"{held} is in use by another run \\(pid {holder.pid}"):
+            C.main(["--budgets", "128", "64", "--model", str(ckpt), "--out", str(tmp_path)])
+        monkeypatch.undo()
+        monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, *a, **k: asked.append(budgets))
+        monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
+        C.main(["--budgets", "128", "--model", str(ckpt), "--out", str(tmp_path)])  # another budget: its own lock
+        assert asked == [[128]] and (tmp_path / "budget128" / ".lock").read_text() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("argv,message", [(["--budgets", "-5"], "below the observation window"),
                                           (["--budgets", "0"], "below the observation window"),
                                           (["--min-win-share", "1.5"], "--min-win-share must be in [0, 1)")])

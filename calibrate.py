@@ -243,8 +243,9 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
         record["validation_kls"] = validate(policies, budgets)
         record["validation_kl"] = mean(record["validation_kls"])
         out[name] = {"policies": policies, "budgets": budgets, "calibration": record}
-        print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}, validation KL "
-              f"{record['validation_kl']:.4f} (best uniform {best}: {table['best_uniform_validation_kl']:.4f})")
+        scored = (f", validation KL {record['validation_kl']:.4f} (best uniform {best}: "
+                  f"{table['best_uniform_validation_kl']:.4f})" if val_refs else "")  # none: validated elsewhere
+        print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}{scored}")
     return out
 
 

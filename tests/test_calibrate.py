@@ -227,10 +227,15 @@ def longbench_dir(tmp_path_factory):
     return d
 
 
-def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
+def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch, capsys):
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
     paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
+    assert capsys.readouterr().out.count(", validation KL ") == len(K.POLYKV)
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "unvalidated", replace(cs, n_validation=0), P.Settings(),
+          longbench_dir)
+    printed = capsys.readouterr().out
+    assert printed.count("in-sample KL") == len(K.POLYKV) and "validation KL" not in printed and "nan" not in printed
     pool = LB.calibration_pool(LB.load_samples(longbench_dir))
     evaluated = {s["_id"] for s in LB.evaluation_samples(LB.load_samples(longbench_dir), LB.EVAL_PER_TASK, set())}
     assert set(paths[48]) == set(K.POLYKV)

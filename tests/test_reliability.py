@@ -30,14 +30,20 @@ def records_in(out: Path) -> list[dict]:
 # --- two runs, one folder ------------------------------------------------------------------------
 
 
+def lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process that takes folder's lock and holds it for a minute (kill it when done)."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time, run_folder as RF; from pathlib import Path; "
+                               f"RF.take_lock(Path({str(folder)!r})); print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_other(ckpt, data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import time, run_folder as RF; from pathlib import Path; "
-                               f"RF.take_lock(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         assert E.main(args(ckpt, data, out, "--methods", "knorm", "--budget", "40")) == 2
         err = capsys.readouterr().err
         assert f"{out} is in use by another run (pid {holder.pid}" in err and not records_in(out)
@@ -85,20 +91,14 @@ def test_duplicate_budgets_run_once(ckpt, tmp_path, monkeypatch):
 def test_a_calibration_of_a_budget_another_process_calibrates_into_the_same_folder_is_refused(ckpt, tmp_path, monkeypatch):
     held = tmp_path / "budget64"
     held.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import time, run_folder as RF; from pathlib import Path; "
-                               f"RF.take_lock(Path({str(held)!r})); print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     asked = []
     monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, *a, **k: asked.append(budgets))
     monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
+    holder = lock_holder(held)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-        with pytest.raises(ValueError, match=f"{held} is in use by another run \\(pid {holder.pid}"):
+        with monkeypatch.context() as m, pytest.raises(ValueError, match=f"{held} is in use by another run \\(pid {holder.pid}"):
+            m.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
             C.main(["--budgets", "128", "64", "--model", str(ckpt), "--out", str(tmp_path)])
-        monkeypatch.undo()
-        monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, *a, **k: asked.append(budgets))
-        monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
         C.main(["--budgets", "128", "--model", str(ckpt), "--out", str(tmp_path)])  # another budget: its own lock
         assert asked == [[128]] and (tmp_path / "budget128" / ".lock").read_text() == str(os.getpid())
     finally:

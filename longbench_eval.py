@@ -94,13 +94,14 @@ def load_given_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> list[K.P
     return plans
 
 
-def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, set[str]]:
-    """({(name, budget): plan} for the requested PolyKV methods, ids no method may be scored on).
+def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, set[str], dict]:
+    """({(name, budget): plan} for the requested PolyKV methods, ids no method may be scored on,
+    every plan at hand: committed or given, at any budget).
     Plans come from --plan or the committed plans/; a missing one is an error naming the command
     that makes it: an evaluation never calibrates behind the user's back."""
     given = {(p.name, int(p.average_budget)): p for p in load_given_plans(s, model_dir, cfg)}
     committed = K.committed_plans(CK.model_name(model_dir), cfg)
-    every = {**committed, **given}
+    every = {**committed, **given}  # a --plan replaces the committed plan of its name and budget
     excluded = {i for p in list(committed.values()) + list(given.values())
                 for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
     wanted = [(m, b) for m in s.methods if K.is_plan_method(m) for b in s.budgets]
@@ -115,7 +116,29 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
         mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
         if mode != s.query:
             print(f"note: the {m} plan for budget {b} was calibrated query-{mode}; this run compresses query-{s.query}")
-    return {k: every[k] for k in wanted}, excluded
+    return {k: every[k] for k in wanted}, excluded, every
+
+
+def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dict], out: Path) -> list[tuple]:
+    """The runs the folder's tables cover: this run's methods at its budgets, and at every other
+    budget where the folder already holds all their records (with today's plans), so rerunning one
+    budget keeps the others in results.md. Nothing is recomputed for them."""
+    records = RF.read_records(out)
+
+    def on_record(b: int) -> bool:
+        plans = {(m, b): every[m, b] for m in s.methods if K.is_plan_method(m) and (m, b) in every}
+        if len(plans) < sum(map(K.is_plan_method, s.methods)):
+            return False  # a PolyKV method has no plan at b
+        try:
+            runs = build_runs(replace(s, budgets=[b]), plans, n_layers)
+        except ValueError:  # plans with other policy settings than this run's
+            return False
+        return all(RF.run_key(x["_id"], m, b, RF.plan_fingerprint(p)) in records for x in samples for m, b, p in runs)
+
+    recorded = {r["budget"] for r in records.values() if r["budget"] is not None} - set(s.budgets)
+    budgets = sorted(set(s.budgets) | {b for b in recorded if on_record(b)})
+    plans = {(m, b): every[m, b] for m in s.methods if K.is_plan_method(m) for b in budgets}
+    return build_runs(replace(s, budgets=budgets), plans, n_layers)
 
 
 def build_runs(s: RunSettings, plans: dict, n_layers: int) -> list[tuple]:
@@ -365,7 +388,7 @@ def main(argv=None) -> int:
         CK.check_tokenizer(cfg, tokenizer, model_dir)
         s, note = complete(s, model_dir, cfg)
         by_task = load_benchmark(s, tokenizer)
-        plans, excluded = choose_plans(s, model_dir, cfg)
+        plans, excluded, every_plan = choose_plans(s, model_dir, cfg)
         runs = build_runs(s, plans, cfg.n_layers)
         samples, n_excluded = select_samples(s, by_task, excluded)
         out = s.out or PROJECT / "results" / CK.model_name(model_dir) / (
@@ -390,7 +413,8 @@ def main(argv=None) -> int:
                   "excluded_calibration_samples": n_excluded, "fuzzy_backend": LB.FUZZ_BACKEND,
                   "limit": "chosen ids" if s.ids else f"{s.limit} per task" if s.limit else "all",
                   **({"haystacks": haystacks(samples)} if s.benchmark == "ruler" else {})}
-        metrics = report.write_report(out, samples, runs, header, (R if s.benchmark == "ruler" else LB).sample_scores)
+        metrics = report.write_report(out, samples, runs_on_record(s, every_plan, cfg.n_layers, samples, out), header,
+                                      (R if s.benchmark == "ruler" else LB).sample_scores)
         print(report.markdown(metrics) + f"wrote {out}/metrics.json, results.md, scores.png, predictions.jsonl")
     if dist_on():
         torch.distributed.destroy_process_group()

@@ -122,6 +122,24 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert json.loads((out / "metrics.json").read_text())["scores"] == metrics["scores"]
 
 
+def test_rerunning_some_budgets_keeps_the_others_in_the_tables(ckpt, data, tmp_path, monkeypatch):
+    """The tables cover every budget whose records are all in the folder, not only the budgets of
+    the last command; a budget missing a method's records is left out of them."""
+    out = tmp_path / "run"
+    assert E.main(args(ckpt, data, out, "--methods", "h2o", "--budgets", "48", "64")) == 0
+    both = json.loads((out / "metrics.json").read_text())
+    monkeypatch.setattr(M, "generate_batch", lambda *a, **k: pytest.fail("recomputed a finished run"))
+    assert E.main(args(ckpt, data, out, "--methods", "h2o", "--budgets", "64")) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert set(again["scores"]["h2o"]) == {"48", "64"} and again["scores"] == both["scores"]
+    assert set(again["gap_recovery"]) == set(both["gap_recovery"])
+    assert "| h2o | 0.00 / 0." in (out / "results.md").read_text()  # the summary table, one column per budget
+    monkeypatch.undo()
+    assert E.main(args(ckpt, data, out, "--methods", "h2o", "tova", "--budgets", "64")) == 0  # no tova at 48
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["scores"]["h2o"]) == set(metrics["scores"]["tova"]) == {"64"}
+
+
 def test_bootstrap_difference_exact_cases():
     same = {"a": [10.0, 50.0, 0.0], "b": [100.0]}
     assert report.bootstrap_difference(same, same) == [0.0, 0.0, 0.0]

@@ -326,8 +326,6 @@ def init_distributed(device: str) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-
-
 def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSettings, str]:
     """Fill in what the command line left open: benchmark and data, length, limit, methods, budgets
     (those of --plan files when none are given). Returns the settings and a note on the data."""

@@ -121,7 +121,7 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
 
 def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dict], out: Path) -> list[tuple]:
     """The runs the folder's tables cover: this run's methods at its budgets, and at every other
-    budget where the folder already holds all their records (with today's plans), so rerunning one
+    budget where the folder already holds all their records (with the plans at hand), so rerunning one
     budget keeps the others in results.md. Nothing is recomputed for them."""
     records = RF.read_records(out)
 
@@ -133,7 +133,7 @@ def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dic
             runs = build_runs(replace(s, budgets=[b]), plans, n_layers)
         except ValueError:  # plans with other policy settings than this run's
             return False
-        return all(RF.run_key(x["_id"], m, b, RF.plan_fingerprint(p)) in records for x in samples for m, b, p in runs)
+        return all(RF.run_key(x["_id"], m, b, RF.plan_fingerprint(p)) in records for x in samples for m, _, p in runs)
 
     recorded = {r["budget"] for r in records.values() if r["budget"] is not None} - set(s.budgets)
     budgets = sorted(set(s.budgets) | {b for b in recorded if on_record(b)})

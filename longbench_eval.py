@@ -133,7 +133,8 @@ def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dic
             runs = build_runs(replace(s, budgets=[b]), plans, n_layers)
         except ValueError:  # plans with other policy settings than this run's
             return False
-        return all(RF.run_key(x["_id"], m, b, RF.plan_fingerprint(p)) in records for x in samples for m, _, p in runs)
+        return all(RF.run_key(x["_id"], m, run_budget, RF.plan_fingerprint(p)) in records  # FullKV: budget None
+                   for x in samples for m, run_budget, p in runs)
 
     recorded = {r["budget"] for r in records.values() if r["budget"] is not None} - set(s.budgets)
     budgets = sorted(set(s.budgets) | {b for b in recorded if on_record(b)})

@@ -121,25 +121,28 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
 
 def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dict], out: Path) -> list[tuple]:
     """The runs the folder's tables cover: this run's methods at its budgets, and at every other
-    budget where the folder already holds all their records (with the plans at hand), so rerunning one
-    budget keeps the others in results.md. Nothing is recomputed for them."""
+    budget where the folder already holds all their records (with the plans at hand, made with this
+    run's policy settings), so rerunning one budget keeps the others in results.md. Nothing is recomputed."""
     records = RF.read_records(out)
+    plan_methods = [m for m in s.methods if K.is_plan_method(m)]
+
+    def runs_at(budgets: list[int]) -> list[tuple] | None:
+        """build_runs at these budgets; None if a plan is missing or their policy settings differ."""
+        if any((m, b) not in every for m in plan_methods for b in budgets):
+            return None
+        try:
+            plans = {(m, b): every[m, b] for m in plan_methods for b in budgets}
+            return build_runs(replace(s, budgets=budgets), plans, n_layers)
+        except ValueError:
+            return None
 
     def on_record(b: int) -> bool:
-        plans = {(m, b): every[m, b] for m in s.methods if K.is_plan_method(m) and (m, b) in every}
-        if len(plans) < sum(map(K.is_plan_method, s.methods)):
-            return False  # a PolyKV method has no plan at b
-        try:
-            runs = build_runs(replace(s, budgets=[b]), plans, n_layers)
-        except ValueError:  # plans with other policy settings than this run's
-            return False
-        return all(RF.run_key(x["_id"], m, run_budget, RF.plan_fingerprint(p)) in records  # FullKV: budget None
-                   for x in samples for m, run_budget, p in runs)
+        runs = runs_at(sorted({*s.budgets, b}))  # with this run's budgets: the same settings as theirs
+        return runs is not None and all(RF.run_key(x["_id"], m, run_budget, RF.plan_fingerprint(p)) in records
+                                        for x in samples for m, run_budget, p in runs)  # FullKV: budget None
 
     recorded = {r["budget"] for r in records.values() if r["budget"] is not None} - set(s.budgets)
-    budgets = sorted(set(s.budgets) | {b for b in recorded if on_record(b)})
-    plans = {(m, b): every[m, b] for m in s.methods if K.is_plan_method(m) for b in budgets}
-    return build_runs(replace(s, budgets=budgets), plans, n_layers)
+    return runs_at(sorted({*s.budgets, *filter(on_record, recorded)}))
 
 
 def build_runs(s: RunSettings, plans: dict, n_layers: int) -> list[tuple]:

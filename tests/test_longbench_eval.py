@@ -2,6 +2,7 @@
 outputs, resume, a 2-process gloo run equal to 1 process, calibration-id exclusion, query-agnostic
 compression, RULER without data, bad input."""
 import json
+from dataclasses import replace
 import os
 import shutil
 import signal
@@ -138,6 +139,22 @@ def test_rerunning_some_budgets_keeps_the_others_in_the_tables(ckpt, data, tmp_p
     assert E.main(args(ckpt, data, out, "--methods", "h2o", "tova", "--budgets", "64")) == 0  # no tova at 48
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["scores"]["h2o"]) == set(metrics["scores"]["tova"]) == {"64"}
+
+
+def test_a_budget_on_record_with_other_policy_settings_stays_out_of_the_tables(ckpt, data, tmp_path):
+    """A plan at another budget made with other policy settings cannot share this run's tables
+    (its baselines would differ): that budget is left out, the run still reports its own."""
+    out = tmp_path / "run"
+    for d in ("p48", "p64"):
+        (tmp_path / d).mkdir()
+    p48 = save_plans(tmp_path / "p48", ckpt.name, budget=48)[0]
+    p64 = save_plans(tmp_path / "p64", ckpt.name, budget=64)[0]
+    assert E.main(args(ckpt, data, out, "--plan", p48, "--methods", "polykv", "--budgets", "48")) == 0
+    plan = K.load_plan(p48)  # the same layers (its records still match), other settings
+    plan.settings = replace(plan.settings, window=16)
+    K.save_plan(plan, p48)
+    assert E.main(args(ckpt, data, out, "--plan", p48, p64, "--methods", "polykv", "--budgets", "64")) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["scores"]["polykv"]) == {"64"}
 
 
 def test_bootstrap_difference_exact_cases():

@@ -266,24 +266,29 @@ def build_references(model, tokenizer, model_dir, samples: list[dict], cs: Calib
     return refs
 
 
-def calibration_sets(tokenizer, cs: CalibrationSettings, data_dir: Path | None) -> tuple[list, list, str]:
+def calibration_sets(tokenizer, cs: CalibrationSettings, data_dir: Path | None,
+                     tasks: tuple[str, ...] = ()) -> tuple[list, list, str]:
     """(calibration samples, validation samples, data id): from the LongBench folder's calibration
-    pool, or, without one, from RULER samples generated with seeds that evaluation never uses."""
+    pool, or, without one, from RULER samples generated with seeds that evaluation never uses.
+    tasks: draw from these tasks only (default: every task of the folder; RULER's default tasks).
+    The sample ids name their tasks, so a plan records which tasks it was calibrated on."""
     if data_dir is not None:
-        pool, data = LB.calibration_pool(LB.load_samples(data_dir)), LB.data_id(data_dir)
+        pool, data = LB.calibration_pool(LB.load_samples(data_dir, list(tasks) or None)), LB.data_id(data_dir)
     else:
-        k = -(-(cs.n_samples + cs.n_validation) // len(R.DEFAULT_TASKS))  # per task, rounded up
-        pool = {t: R.generate(t, k, tokenizer, cs.max_length, seed=R.CALIBRATION_SEED + cs.seed) for t in R.DEFAULT_TASKS}
+        tasks = tasks or R.DEFAULT_TASKS
+        k = -(-(cs.n_samples + cs.n_validation) // len(tasks))  # per task, rounded up
+        pool = {t: R.generate(t, k, tokenizer, cs.max_length, seed=R.CALIBRATION_SEED + cs.seed) for t in tasks}
         data = f"ruler-{cs.max_length}"
     validation = LB.draw(pool, cs.n_validation, cs.seed)
     return LB.draw(LB.without(pool, validation), cs.n_samples, cs.seed), validation, data
 
 
 def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs: CalibrationSettings,
-        settings: P.Settings = P.Settings(), data_dir: Path | None = None) -> dict[int, dict[str, Path]]:
+        settings: P.Settings = P.Settings(), data_dir: Path | None = None,
+        tasks: tuple[str, ...] = ()) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
     (out_dir/budget<B>/<name>.json); a budget already written with the same settings is kept."""
-    calibration, validation, data = calibration_sets(tokenizer, cs, data_dir)
+    calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data,
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
     model_name = Path(model_dir).name
@@ -337,6 +342,8 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="checkpoint folder or cached Hugging Face id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", default=None, help="LongBench folder (default: $LONGBENCH_DIR, data/LongBench; none: RULER samples)")
     p.add_argument("--out", type=Path, default=None, help="plan folder (default: plans/<model>, the committed plans)")
+    p.add_argument("--tasks", nargs="+", default=[], help="calibrate on these tasks only (default: every LongBench "
+                   "task; without LongBench, RULER's default tasks), e.g. the tasks the plans will serve")
     for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
@@ -363,6 +370,12 @@ def main(argv=None) -> None:
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
                          "which every layer keeps")
+    data_dir = LB.find_data_dir(args.data_dir, ROOT)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    valid = LB.available_tasks(data_dir) if data_dir is not None else R.ALL_TASKS
+    if unknown := [t for t in tasks if t not in valid]:
+        where = f"in {data_dir}" if data_dir is not None else "for RULER (no LongBench folder)"
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; valid {where}: {', '.join(valid)}")
     model_dir = CK.resolve_model_dir(args.model)
     out = args.out or K.PLANS_DIR / model_dir.name
     check_writable(out)
@@ -370,11 +383,10 @@ def main(argv=None) -> None:
         folder = K.plan_path(out, budget, "polykv").parent
         folder.mkdir(exist_ok=True)
         RF.take_lock(folder)
-    data_dir = LB.find_data_dir(args.data_dir, ROOT)
     if data_dir is None:
         print("no LongBench folder given or found: calibrating on RULER samples (seeds disjoint from evaluation's)")
     model, tokenizer = CK.load_model(model_dir, args.device), CK.load_tokenizer(model_dir)
-    run(model, tokenizer, model_dir, budgets, out, cs, settings, data_dir)
+    run(model, tokenizer, model_dir, budgets, out, cs, settings, data_dir, tasks)
 
 
 def check_writable(folder: Path) -> None:

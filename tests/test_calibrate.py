@@ -288,6 +288,30 @@ def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
             C.main(argv)
 
 
+def test_tasks_restrict_the_calibration_samples_and_are_checked_before_the_model_loads(
+        tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
+    import ruler as R
+    tokenizer = CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=3, n_validation=2, max_length=1024)
+    tasks = ("niah_single_3_noise", "vt")
+    calibration, validation, data = C.calibration_sets(tokenizer, cs, None, tasks)
+    ids = [s["_id"] for s in calibration + validation]
+    assert data == "ruler-1024" and len(set(ids)) == 5
+    assert sorted({s["dataset"] for s in calibration + validation}) == sorted(tasks)
+    assert all(f"_s{R.CALIBRATION_SEED}_" in i for i in ids)
+    default = C.calibration_sets(tokenizer, cs, None)  # no tasks: RULER's default tasks, as before
+    assert {s["dataset"] for s in default[0] + default[1]} <= set(R.DEFAULT_TASKS)
+    first = next(iter(LB.available_tasks(longbench_dir)))
+    lb = C.calibration_sets(tokenizer, replace(cs, n_samples=1, n_validation=1), longbench_dir, (first,))
+    assert {s["dataset"] for s in lb[0] + lb[1]} == {first}
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="unknown task.*nope"):
+        C.main(["--tasks", "nope", "--data-dir", str(longbench_dir), "--out", str(tmp_path)])
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)  # as on a machine without LongBench
+    with pytest.raises(ValueError, match=r"unknown task.*nope; valid for RULER"):
+        C.main(["--tasks", "vt", "nope", "--out", str(tmp_path)])
+
+
 def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint, tmp_path):
     """RULER samples build their own prompts (chat-wrapped task + answer prefix), from calibration seeds."""
     import ruler as R

@@ -19,11 +19,9 @@ a lock keeps a second run out), then the report (report.py): metrics.json, resul
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from dataclasses import asdict, replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -282,7 +280,7 @@ def run_config(s: RunSettings, model_dir: Path, runs: list[tuple]) -> dict:
 def run_samples(model, tokenizer, model_dir: Path, samples: list[dict], runs: list[tuple], s: RunSettings,
                 out: Path) -> None:
     """This rank's samples, resuming: a run already in the folder's records is not redone."""
-    rank, world = rank_world()
+    rank, world = RF.rank_world()
     done = RF.read_records(out)
     mine = samples[rank::world]
     bench = R if s.benchmark == "ruler" else LB
@@ -297,34 +295,6 @@ def run_samples(model, tokenizer, model_dir: Path, samples: list[dict], runs: li
                 full = done.get(RF.run_key(sample["_id"], "fullkv", None, None), {}).get("tokens")
                 evaluate_sample(model, tokenizer, sample, pending, stops, s, bench,
                                 lambda r: (write(r), bar.update(1)), full)
-
-
-# ----------------------------------------------------------------------------- torchrun
-
-
-def dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank_world() -> tuple[int, int]:
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on() else (0, 1)
-
-
-def barrier() -> None:
-    if dist_on():
-        torch.distributed.barrier()
-
-
-def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    cuda = device.startswith("cuda")
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
-    if device == "cuda":  # one GPU per process
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(device)
-    return device
 
 
 # ----------------------------------------------------------------------------- command line
@@ -383,8 +353,8 @@ def main(argv=None) -> int:
     s = parse_settings(argv)
     rank = 0
     try:
-        s = replace(s, device=init_distributed(s.device))
-        rank = rank_world()[0]
+        s = replace(s, device=RF.init_distributed(s.device))
+        rank = RF.rank_world()[0]
         model_dir = CK.resolve_model_dir(s.model)
         cfg, tokenizer = CK.load_config(model_dir), CK.load_tokenizer(model_dir)
         CK.check_tokenizer(cfg, tokenizer, model_dir)
@@ -406,9 +376,9 @@ def main(argv=None) -> int:
         return 2
     if rank == 0:
         announce(s, samples, runs, n_excluded, note, out)
-    barrier()  # run.json is written
+    RF.barrier()  # run.json is written
     run_samples(model, tokenizer, model_dir, samples, runs, s, out)
-    barrier()
+    RF.barrier()
     if rank == 0:
         header = {"benchmark": s.benchmark, "query": s.query, "model": config["model"], "data": config["data_id"],
                   "max_length": s.max_length, "dtype": s.dtype, "settings": config["settings"],
@@ -418,7 +388,7 @@ def main(argv=None) -> int:
         metrics = report.write_report(out, samples, runs_on_record(s, every_plan, cfg.n_layers, samples, out), header,
                                       (R if s.benchmark == "ruler" else LB).sample_scores)
         print(report.markdown(metrics) + f"wrote {out}/metrics.json, results.md, scores.png, predictions.jsonl")
-    if dist_on():
+    if RF.dist_on():
         torch.distributed.destroy_process_group()
     return 0
 

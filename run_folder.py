@@ -1,7 +1,9 @@
 """
 A run's folder: its records (predictions.jsonl: one JSON line per finished run, appended and fsynced,
 a torn last line redone), its lock (one run at a time) and its run.json (what the records depend on:
-resuming with anything else is refused). Written atomically; nothing computed is lost.
+resuming with anything else is refused). Written atomically; nothing computed is lost. Under
+torchrun the ranks share one folder: each appends its own samples' records, rank 0 alone takes
+the lock and writes run.json and the report (the barriers between).
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
+
+import torch
 
 import polykv as K
 import policies as P
@@ -105,3 +110,31 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on() else (0, 1)
+
+
+def barrier() -> None:
+    if dist_on():
+        torch.distributed.barrier()
+
+
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    cuda = device.startswith("cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    if device == "cuda":  # one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    return device

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
+import longbench_metrics as LM
 import checkpoint as CK
 import model as M
 import policies as P
@@ -382,11 +383,11 @@ def main(argv=None) -> int:
     if rank == 0:
         header = {"benchmark": s.benchmark, "query": s.query, "model": config["model"], "data": config["data_id"],
                   "max_length": s.max_length, "dtype": s.dtype, "settings": config["settings"],
-                  "excluded_calibration_samples": n_excluded, "fuzzy_backend": LB.FUZZ_BACKEND,
+                  "excluded_calibration_samples": n_excluded, "fuzzy_backend": LM.FUZZ_BACKEND,
                   "limit": "chosen ids" if s.ids else f"{s.limit} per task" if s.limit else "all",
                   **({"haystacks": haystacks(samples)} if s.benchmark == "ruler" else {})}
         metrics = report.write_report(out, samples, runs_on_record(s, every_plan, cfg.n_layers, samples, out), header,
-                                      (R if s.benchmark == "ruler" else LB).sample_scores)
+                                      (R if s.benchmark == "ruler" else LM).sample_scores)
         print(report.markdown(metrics) + f"wrote {out}/metrics.json, results.md, scores.png, predictions.jsonl")
     if RF.dist_on():
         torch.distributed.destroy_process_group()

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import longbench as lb  # noqa: E402
+import longbench_metrics as lbm  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "longbench"
 
@@ -24,18 +25,18 @@ SHARED = ROOT.parent / "shared" / "longbench"
     ("Mr. O'Neil's 3-D\tmovie\n", "mr oneils 3d movie"),
 ])
 def test_normalize_answer(raw, norm):
-    assert lb.normalize_answer(raw) == norm
+    assert lbm.normalize_answer(raw) == norm
 
 
 def test_qa_f1_exact_and_partial():
-    assert lb.qa_f1_score("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert lbm.qa_f1_score("The Eiffel Tower!", "eiffel tower") == 1.0
     # pred tokens [eiffel, tower, paris], gold [eiffel, tower]: p=2/3, r=1, F1=0.8
-    assert lb.qa_f1_score("Eiffel Tower, Paris", "the Eiffel Tower") == pytest.approx(0.8)
+    assert lbm.qa_f1_score("Eiffel Tower, Paris", "the Eiffel Tower") == pytest.approx(0.8)
     # bag overlap counts repeats: pred [x, x, y], gold [x, y, y]: common 2, p=r=2/3
-    assert lb.qa_f1_score("x x y", "x y y") == pytest.approx(2 / 3)
-    assert lb.qa_f1_score("nothing", "else") == 0.0
-    assert lb.qa_f1_score("", "") == 0.0  # no common tokens -> 0 even when both empty
-    assert lb.qa_f1_score("The", "a") == 0.0
+    assert lbm.qa_f1_score("x x y", "x y y") == pytest.approx(2 / 3)
+    assert lbm.qa_f1_score("nothing", "else") == 0.0
+    assert lbm.qa_f1_score("", "") == 0.0  # no common tokens -> 0 even when both empty
+    assert lbm.qa_f1_score("The", "a") == 0.0
 
 
 # ----------------------------------------------------------------------------- ROUGE-L
@@ -43,14 +44,14 @@ def test_qa_f1_exact_and_partial():
 def test_rouge_l_hand_computed():
     # LCS("police arrested the suspect", "the police quickly arrested a suspect")
     # = police arrested suspect = 3; P = 3/4, R = 3/6, F = 2PR/(P+R) = 0.6
-    assert lb.rouge_score("police arrested the suspect",
+    assert lbm.rouge_score("police arrested the suspect",
                           "the police quickly arrested a suspect") == pytest.approx(0.6, abs=1e-6)
-    assert lb.rouge_score("a b c", "a b c") == pytest.approx(1.0, abs=1e-6)
+    assert lbm.rouge_score("a b c", "a b c") == pytest.approx(1.0, abs=1e-6)
 
 
 def test_rouge_empty_is_zero():
-    assert lb.rouge_score("", "some reference") == 0.0
-    assert lb.rouge_score("...", "some reference") == 0.0  # only '.', no sentence left
+    assert lbm.rouge_score("", "some reference") == 0.0
+    assert lbm.rouge_score("...", "some reference") == 0.0  # only '.', no sentence left
 
 
 # ----------------------------------------------------------------------------- classification
@@ -59,70 +60,70 @@ TREC = ["Food", "Date", "Description", "Description of something", "City"]
 
 
 def test_classification_basic():
-    assert lb.classification_score("City", "City", all_classes=TREC) == 1.0
-    assert lb.classification_score("Food or City", "City", all_classes=TREC) == 0.5
-    assert lb.classification_score("Food", "City", all_classes=TREC) == 0.0
-    assert lb.classification_score("no idea", "City", all_classes=TREC) == 0.0
+    assert lbm.classification_score("City", "City", all_classes=TREC) == 1.0
+    assert lbm.classification_score("Food or City", "City", all_classes=TREC) == 0.5
+    assert lbm.classification_score("Food", "City", all_classes=TREC) == 0.0
+    assert lbm.classification_score("no idea", "City", all_classes=TREC) == 0.0
 
 
 def test_classification_substring_classes():
     # "Description" is found inside the answer but is a proper substring of the gold -> dropped
-    assert lb.classification_score("Description of something", "Description of something",
+    assert lbm.classification_score("Description of something", "Description of something",
                                    all_classes=TREC) == 1.0
     # gold "Description": the longer class is not a substring of the gold, so both stay
-    assert lb.classification_score("Description of something", "Description",
+    assert lbm.classification_score("Description of something", "Description",
                                    all_classes=TREC) == 0.5
 
 
 def test_classification_official_removal_quirk():
     # official removes while iterating, which skips the element after a removed one:
     # matches [A, AB, ABC] -> remove A, skip AB, keep ABC -> [AB, ABC] -> 1/2
-    assert lb.classification_score("ABC", "ABC", all_classes=["A", "AB", "ABC"]) == 0.5
+    assert lbm.classification_score("ABC", "ABC", all_classes=["A", "AB", "ABC"]) == 0.5
 
 
 # ----------------------------------------------------------------------------- retrieval / count
 
 def test_retrieval_score():
-    assert lb.retrieval_score("Paragraph 12", "Paragraph 12") == 1.0
-    assert lb.retrieval_score("Paragraph 3 or Paragraph 12", "Paragraph 12") == 0.5
-    assert lb.retrieval_score("Paragraph 1", "Paragraph 12") == 0.0  # whole numbers compared
-    assert lb.retrieval_score("I do not know", "Paragraph 12") == 0.0
+    assert lbm.retrieval_score("Paragraph 12", "Paragraph 12") == 1.0
+    assert lbm.retrieval_score("Paragraph 3 or Paragraph 12", "Paragraph 12") == 0.5
+    assert lbm.retrieval_score("Paragraph 1", "Paragraph 12") == 0.0  # whole numbers compared
+    assert lbm.retrieval_score("I do not know", "Paragraph 12") == 0.0
 
 
 def test_count_score():
-    assert lb.count_score("10", "10") == 1.0
-    assert lb.count_score("There are 10 unique paragraphs out of 12.", "10") == 0.5
-    assert lb.count_score("ten", "10") == 0.0
+    assert lbm.count_score("10", "10") == 1.0
+    assert lbm.count_score("There are 10 unique paragraphs out of 12.", "10") == 0.5
+    assert lbm.count_score("ten", "10") == 0.0
 
 
 # ----------------------------------------------------------------------------- code sim
 
 def test_code_sim_first_code_line():
     pred = "\n```python\n# the next line\nx = foo(1)\ny = 2\n```"
-    assert lb.code_sim_score(pred, "x = foo(1)") == 1.0
-    assert lb.code_sim_score("// c comment\nint a = 1;", "int a = 1;") == 1.0
-    assert lb.code_sim_score("x = 1  # note\nx = 1", "x = 1") == 1.0  # line with '#' skipped
+    assert lbm.code_sim_score(pred, "x = foo(1)") == 1.0
+    assert lbm.code_sim_score("// c comment\nint a = 1;", "int a = 1;") == 1.0
+    assert lbm.code_sim_score("x = 1  # note\nx = 1", "x = 1") == 1.0  # line with '#' skipped
     # difflib ratio: "abcd" vs "abce" -> 3 matching chars of 8 -> 2*3/8 = 0.75
-    assert lb.code_sim_score("abcd", "abce") == 0.75
-    assert lb.code_sim_score("# only a comment", "x = 1") == 0.0
+    assert lbm.code_sim_score("abcd", "abce") == 0.75
+    assert lbm.code_sim_score("# only a comment", "x = 1") == 0.0
 
 
 # ----------------------------------------------------------------------------- score_task
 
 def test_score_task_max_over_answers_and_first_line():
     # triviaqa keeps the first line only: the second line's correct answer must not count
-    assert lb.score_task("triviaqa", ["\nParis\nLondon"], [["London"]], None) == 0.0
-    assert lb.score_task("triviaqa", ["\nLondon\nParis"], [["Paris", "London"]], None) == 100.0
+    assert lbm.score_task("triviaqa", ["\nParis\nLondon"], [["London"]], None) == 0.0
+    assert lbm.score_task("triviaqa", ["\nLondon\nParis"], [["Paris", "London"]], None) == 100.0
     # hotpotqa scores the whole output; mean over samples
-    s = lb.score_task("hotpotqa", ["Paris\nLondon", "x"], [["London"], ["y"]], None)
+    s = lbm.score_task("hotpotqa", ["Paris\nLondon", "x"], [["London"], ["y"]], None)
     assert s == pytest.approx(100 * (2 * 0.5 * 1 / 1.5) / 2)
-    assert lb.score_task("trec", ["City\nFood"], [["City"]], TREC) == 100.0
+    assert lbm.score_task("trec", ["City\nFood"], [["City"]], TREC) == 100.0
     with pytest.raises(ValueError):
-        lb.score_task("nope", ["a"], [["a"]], None)
+        lbm.score_task("nope", ["a"], [["a"]], None)
 
 
 def test_metric_table():
-    assert set(lb.DATASET2METRIC) == set(lb.ENGLISH_TASKS)
+    assert set(lbm.DATASET2METRIC) == set(lb.ENGLISH_TASKS)
     assert len(lb.ENGLISH_TASKS) == 16
 
 
@@ -151,7 +152,7 @@ def test_truncate_middle():
 
 def test_chat_template_exceptions():
     assert lb.NO_CHAT_TASKS == {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
-    assert lb.FIRST_LINE_TASKS == {"trec", "triviaqa", "samsum"}
+    assert lbm.FIRST_LINE_TASKS == {"trec", "triviaqa", "samsum"}
     assert not lb.use_chat_template("lcc") and lb.use_chat_template("hotpotqa")
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import calibrate as C
 import longbench as LB
+import longbench_metrics as LM
 import longbench_eval as E
 import checkpoint as CK
 import model as M
@@ -224,7 +225,7 @@ def test_other_weights_in_a_folder_of_the_same_name_are_refused(ckpt, data, tmp_
     assert E.main(args(same_name, data, out, "--methods", "knorm", "--budget", "40")) == 2
     assert "holds a run with different model_id" in capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["fuzzy_backend"] == LB.FUZZ_BACKEND and metrics["data"] == LB.data_id(data)
+    assert metrics["fuzzy_backend"] == LM.FUZZ_BACKEND and metrics["data"] == LB.data_id(data)
     assert str(data) not in json.dumps(metrics)  # no machine-specific path
 
 

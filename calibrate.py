@@ -25,7 +25,6 @@ evaluation excludes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import policies as P
 import report
 import ruler as R
 import run_folder as RF
+from run_settings import MAX_LENGTH
 from search import allocation_moves, mean, routing_moves, search
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ class CalibrationSettings:
     """The calibration's knobs: the one place their defaults are written."""
     n_samples: int = 32  # calibration samples, drawn round-robin over the tasks
     n_validation: int = 32  # held-out samples that score the plans (a fixed set: drawn first)
-    max_length: int = 2048  # prompts are middle-truncated to this many tokens
+    max_length: int = MAX_LENGTH["longbench"]  # LongBench prompts are middle-truncated to this many tokens
     n_continuation: int = 32  # FullKV's greedy tokens whose next-token distributions are the target
     order: str = "allocate-route"  # PolyKV: allocate, then route at the allocated budgets (see paper_plans)
     refine: bool = False  # then the search on the joint objective
@@ -228,7 +228,7 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
              "best_uniform_validation_kl": mean(best_val), "best_uniform_validation_kls": best_val, "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
     out = {}
-    for name, (policies, budgets, signals) in paper_plans(lambda *a: layer_kl(*a), best, n, average, low, high,
+    for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high,
                                                           cs.order).items():
         record = {**table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}
         if cs.refine:
@@ -291,7 +291,7 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data,
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
-    model_name = Path(model_dir).name
+    model_name = CK.model_name(model_dir)  # a Hugging Face cache snapshot is named by its repository, not its commit
     paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
     if paths:
         print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
@@ -344,8 +344,10 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None, help="plan folder (default: plans/<model>, the committed plans)")
     p.add_argument("--tasks", nargs="+", default=[], help="calibrate on these tasks only (default: every LongBench "
                    "task; without LongBench, RULER's default tasks), e.g. the tasks the plans will serve")
-    for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum", "seed"):
+    for name in ("n_samples", "n_validation", "n_continuation", "max_evals", "quantum", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: as evaluation's, "
+                   f"{MAX_LENGTH['longbench']} on LongBench, {MAX_LENGTH['ruler']} on RULER)")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
@@ -364,40 +366,31 @@ def main(argv=None) -> None:
     if args.summary:
         print(report.calibration_table(args.summary))
         return
+    data_dir = LB.find_data_dir(args.data_dir, ROOT)
+    if args.max_length is None:  # the length evaluation runs the benchmark at: plans fit the prompts they serve
+        args.max_length = MAX_LENGTH["longbench" if data_dir is not None else "ruler"]
     cs = CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
     budgets = list(dict.fromkeys(args.budgets))  # in the order given (the first is calibrated first), once each
     settings = P.Settings(tova_agg=args.tova_agg)
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
                          "which every layer keeps")
-    data_dir = LB.find_data_dir(args.data_dir, ROOT)
     tasks = tuple(dict.fromkeys(args.tasks))
     valid = LB.available_tasks(data_dir) if data_dir is not None else R.ALL_TASKS
     if unknown := [t for t in tasks if t not in valid]:
         where = f"in {data_dir}" if data_dir is not None else "for RULER (no LongBench folder)"
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; valid {where}: {', '.join(valid)}")
     model_dir = CK.resolve_model_dir(args.model)
-    out = args.out or K.PLANS_DIR / model_dir.name
-    check_writable(out)
+    out = args.out or K.PLANS_DIR / CK.model_name(model_dir)
+    RF.check_writable(out, "--out")
     for budget in budgets:  # two calibrations of one budget into one folder would overwrite each other's plans
-        folder = K.plan_path(out, budget, "polykv").parent
+        folder = K.budget_dir(out, budget)
         folder.mkdir(exist_ok=True)
         RF.take_lock(folder)
     if data_dir is None:
         print("no LongBench folder given or found: calibrating on RULER samples (seeds disjoint from evaluation's)")
     model, tokenizer = CK.load_model(model_dir, args.device), CK.load_tokenizer(model_dir)
     run(model, tokenizer, model_dir, budgets, out, cs, settings, data_dir, tasks)
-
-
-def check_writable(folder: Path) -> None:
-    """Fail now, not after an hour of calibration."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {folder}: not writable ({e.strerror})") from None
 
 
 if __name__ == "__main__":

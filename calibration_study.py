@@ -141,7 +141,7 @@ def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
 
 
 def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: list[int], data_dir: Path | None,
-                 max_evals: int = 100) -> dict[int, Path]:
+                 max_evals: int = C.CalibrationSettings().max_evals) -> dict[int, Path]:
     """A lever experiment, head-level routing: starting from each budget's PolyKV plan, the search may
     give each KV head its own policy (budgets kept), on the plan's own calibration samples with the
     same majority rule, scored on its validation samples. Writes budget<B>/polykv_heads.json."""
@@ -276,11 +276,13 @@ def main(argv=None) -> None:
     p.add_argument("--validate-only", action="store_true",
                    help="only score the plans made so far (e.g. beside a run still making them), then the tables")
     args = p.parse_args(argv)
+    if args.out is None and not args.head_routing:
+        p.error("--out is required: the study folder (plans.jsonl, validation.jsonl, study.md)")
     model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
     model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     if args.head_routing:
-        refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / model_dir.name, args.budgets, data_dir)
+        refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / CK.model_name(model_dir), args.budgets, data_dir)
         return
     cs = C.CalibrationSettings(n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
                                n_continuation=args.n_continuation)

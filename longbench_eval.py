@@ -37,7 +37,7 @@ import polykv as K
 import report
 import run_folder as RF
 import ruler as R
-from run_settings import MAX_LENGTH, QUICK, QUICK_MAX_NEW, RunSettings, parse_settings
+from run_settings import MAX_LENGTH, QUICK, QUICK_MAX_NEW, RunSettings, parse_settings, plan_spec
 
 PROJECT = Path(__file__).resolve().parent
 TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output
@@ -86,8 +86,8 @@ def load_given_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> list[K.P
     (e.g. polykv_ruler=plans/<model>/ruler/budget512/polykv.json beside the committed polykv)."""
     plans = []
     for spec in s.plans:
-        name, _, path = str(spec).rpartition("=") if "=" in str(spec) else ("", "", str(spec))
-        plan = K.load_model_plan(Path(path), CK.model_name(model_dir), cfg)
+        name, path = plan_spec(spec)
+        plan = K.load_model_plan(path, CK.model_name(model_dir), cfg)
         plan.name = name or plan.name
         plans.append(plan)
     return plans
@@ -109,7 +109,8 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
         have = sorted(f"{m}@{b}" for m, b in every)
         raise ValueError(f"no {', '.join(f'{m} plan for budget {b}' for m, b in missing)} (plans found: "
                          f"{', '.join(have) or 'none'}). Make them with: python calibrate.py --model {model_dir} "
-                         f"--budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))}"
+                         f"--budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))} "
+                         f"--max-length {s.max_length}" + (" --query agnostic" if s.query == "agnostic" else "")
                          + (f" --data-dir {s.data_dir}" if s.data_dir else "") + ", or pass --plan FILE")
     for m, b in wanted:  # allowed (a transfer between modes is an experiment), but never silently
         mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
@@ -330,6 +331,15 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
     return s, note
 
 
+def default_out(s: RunSettings, model_dir: Path) -> Path:
+    """results/<model>/<benchmark>_maxlen<L>_limit<N>[_agnostic]; a run of chosen --ids gets a folder of its
+    own (named by them), so it never rewrites the report of the run whose samples it picks from."""
+    chosen = f"ids-{hashlib.sha256(' '.join(sorted(s.ids)).encode()).hexdigest()[:8]}" if s.ids else \
+        f"limit{s.limit or 'all'}"
+    return PROJECT / "results" / CK.model_name(model_dir) / (
+        f"{s.benchmark}_maxlen{s.max_length}_{chosen}" + ("_agnostic" if s.query == "agnostic" else ""))
+
+
 def haystacks(samples: list[dict]) -> list[str]:
     """What RULER's samples were built from (noise, needles, words, a named prose or QA file)."""
     return sorted({x["haystack"] for x in samples if x.get("haystack")})
@@ -360,12 +370,10 @@ def main(argv=None) -> int:
         cfg, tokenizer = CK.load_config(model_dir), CK.load_tokenizer(model_dir)
         CK.check_tokenizer(cfg, tokenizer, model_dir)
         s, note = complete(s, model_dir, cfg)
-        by_task = load_benchmark(s, tokenizer)
-        plans, excluded, every_plan = choose_plans(s, model_dir, cfg)
+        plans, excluded, every_plan = choose_plans(s, model_dir, cfg)  # a missing plan fails before any sample is read
         runs = build_runs(s, plans, cfg.n_layers)
-        samples, n_excluded = select_samples(s, by_task, excluded)
-        out = s.out or PROJECT / "results" / CK.model_name(model_dir) / (
-            f"{s.benchmark}_maxlen{s.max_length}_limit{s.limit or 'all'}" + ("_agnostic" if s.query == "agnostic" else ""))
+        samples, n_excluded = select_samples(s, load_benchmark(s, tokenizer), excluded)
+        out = s.out or default_out(s, model_dir)
         config = run_config(s, model_dir, runs)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -382,6 +390,7 @@ def main(argv=None) -> int:
     RF.barrier()
     if rank == 0:
         header = {"benchmark": s.benchmark, "query": s.query, "model": config["model"], "data": config["data_id"],
+                  "tf_tokens": TF_TOKENS,
                   "max_length": s.max_length, "dtype": s.dtype, "settings": config["settings"],
                   "excluded_calibration_samples": n_excluded, "fuzzy_backend": LM.FUZZ_BACKEND,
                   "limit": "chosen ids" if s.ids else f"{s.limit} per task" if s.limit else "all",

@@ -32,7 +32,7 @@ PLANS_DIR = Path(__file__).resolve().parent / "plans"  # committed plans: plans/
 CANDIDATES = tuple(p for p in P.SCORERS if p != "random")  # routing candidates: random is the floor, not a choice
 BASELINES = tuple(P.SCORERS) + ("pyramidkv",)  # every single policy, and PyramidKV's schedule with SnapKV
 POLYKV = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations
-POLYKV_HEADS = "polykv_heads"  # a lever: one policy per KV head (calibrate.py --head-routing); run when asked
+POLYKV_HEADS = "polykv_heads"  # a lever: one policy per KV head (calibration_study.py --head-routing); run when asked
 PLAN_METHODS = POLYKV + (POLYKV_HEADS,)  # methods whose plan is read from a file (any other "polykv*" name may be
 METHODS = ("fullkv",) + BASELINES + PLAN_METHODS  # given to one, e.g. polykv_ruler for a plan calibrated on RULER)
 DEFAULT_METHODS = ("fullkv",) + BASELINES + POLYKV
@@ -128,10 +128,22 @@ def validate_plan(plan: Plan, n_layers: int, average: int | None = None, n_kv: i
         raise ValueError(f"{source}: budgets sum to {sum(plan.budgets)}, but an average of {average} over {n_layers} layers needs {n_layers * average}")
 
 
-def plan_path(plan_dir: str | Path, budget: int, name: str) -> Path:
+def budget_dir(plan_dir: str | Path, budget: int) -> Path:
     """The one plan folder layout: <plan_dir>/budget<B>/<name>.json, with plan_dir = plans/<model>
     for the committed plans (PLANS_DIR / model name)."""
-    return Path(plan_dir) / f"budget{budget}" / f"{name}.json"
+    return Path(plan_dir) / f"budget{budget}"
+
+
+def plan_path(plan_dir: str | Path, budget: int, name: str) -> Path:
+    return budget_dir(plan_dir, budget) / f"{name}.json"
+
+
+def budget_dirs(plan_dir: str | Path) -> dict[int, Path]:
+    """{budget: folder} for every budget<B> folder in plan_dir, by budget (a folder such as
+    budget512_old is not one: its plans would pass for budget 512's)."""
+    found = {int(d.name[len("budget"):]): d for d in Path(plan_dir).glob("budget*")
+             if d.is_dir() and d.name[len("budget"):].isdigit()}
+    return dict(sorted(found.items()))
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
@@ -196,8 +208,9 @@ def load_model_plan(path: Path, model_name: str, cfg: M.Config) -> Plan:
 
 def committed_plans(model_name: str, cfg: M.Config) -> dict[tuple[str, int], Plan]:
     """Every committed plan of a model (plans/<model>/budget<B>/<name>.json), at any budget: {(name, budget): plan}."""
-    paths = sorted((PLANS_DIR / model_name).glob("budget*/*.json"))
-    plans = [load_model_plan(p, model_name, cfg) for p in paths if p.stem in PLAN_METHODS]
+    paths = [path for b in budget_dirs(PLANS_DIR / model_name) for n in PLAN_METHODS
+             if (path := plan_path(PLANS_DIR / model_name, b, n)).is_file()]
+    plans = [load_model_plan(p, model_name, cfg) for p in paths]
     return {(p.name, int(p.average_budget)): p for p in plans}
 
 

@@ -18,7 +18,6 @@ import policies as P
 import polykv as K
 from run_folder import atomic_write, plan_fingerprint, read_records, run_key
 
-TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output (the runner feeds them)
 BOOTSTRAP_RESAMPLES = 2000
 
 # ----------------------------------------------------------------------------- calibration
@@ -43,8 +42,7 @@ def calibration_table(plan_dir: Path) -> str:
     """A markdown table of every calibrated budget under plan_dir, read back from the plan JSONs."""
     rows = ["| budget | plan | routing (layers per policy) | budgets | in-sample KL | validation KL | "
             "validation KL minus (paired, 95%) |", "|---" * 7 + "|"]
-    for budget_dir in sorted(Path(plan_dir).glob("budget*"), key=lambda p: int(p.name[6:])):
-        budget = int(budget_dir.name[6:])
+    for budget in K.budget_dirs(plan_dir):
         plans = {n: K.load_plan(path) for n in K.PLAN_METHODS if (path := K.plan_path(plan_dir, budget, n)).is_file()}
         if not plans:
             continue
@@ -340,10 +338,11 @@ def markdown(metrics: dict) -> str:
     length = (f"query-{metrics.get('query', 'aware')}, {metrics['max_length']} tokens of prompt + generation"
               + (f" (haystacks: {', '.join(metrics['haystacks'])})" if metrics.get("haystacks") else "")
               if metrics.get("benchmark") == "ruler" else f"prompts truncated to {metrics['max_length']} tokens")
+    tf_tokens = f" (first {metrics['tf_tokens']} tokens)" if "tf_tokens" in metrics else ""  # the runner's choice
     lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, {length}, "
              f"{metrics['excluded_calibration_samples']} calibration samples excluded. "
              "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
-             f"tf agree / tf KL: fed FullKV's output (first {TF_TOKENS} tokens), share of next tokens predicted as "
+             f"tf agree / tf KL: fed FullKV's output{tf_tokens}, share of next tokens predicted as "
              "FullKV does / mean KL(FullKV || method)."]
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
     if not budgets:  # FullKV alone (e.g. checking which tasks a model can do at all)

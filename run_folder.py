@@ -106,6 +106,17 @@ def check_run_config(out: Path, config: dict) -> None:
     atomic_write(path, json.dumps(config, indent=1))
 
 
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail now, not after an hour of work: the folder (made if missing) takes a file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: not writable ({e.strerror})") from None
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

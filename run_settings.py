@@ -6,6 +6,7 @@ open (benchmark, length, limit, methods, budgets) longbench_eval.complete fills 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hotpotqa", type=Path, help="RULER: HotpotQA's distractor dev JSON, for qa_2")
     p.add_argument("--ruler-seed", type=int, default=0, help=f"RULER samples' seed (below {R.CALIBRATION_SEED}, "
                    "the calibration's)")
-    p.add_argument("--out", type=Path, help="output folder (default: results/<model>/<benchmark>_maxlen<L>_limit<N>)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/<model>/<benchmark>_maxlen<L>_limit<N>[_agnostic]; a run of --ids: _ids-<hash> for _limit<N>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=16, help="runs of one budget decoded together per sample (1 = one by one)")
     return p
+
+
+def plan_spec(spec: str | Path) -> tuple[str, Path]:
+    """--plan FILE or NAME=FILE -> (NAME or "", FILE). NAME is what precedes the first "=" if it is a
+    name (no folder in it), so a FILE whose path holds "=" still reads as a file."""
+    name, sep, path = str(spec).partition("=")
+    return (name, Path(path)) if sep and "/" not in name and os.sep not in name else ("", Path(spec))
 
 
 def parse_settings(argv=None) -> RunSettings:
@@ -88,7 +96,7 @@ def parse_settings(argv=None) -> RunSettings:
     a = p.parse_args(argv)
     window = P.Settings().window
     bad = [b for b in a.budgets or [] if b < window]
-    named = [spec.split("=")[0] for spec in a.plan if "=" in spec]
+    named = [name for name, _ in map(plan_spec, a.plan) if name]
     unknown = [m for m in a.methods or [] if m not in K.METHODS + tuple(named)]
     if unknown or not all(K.is_plan_method(n) for n in named):
         p.error(f"argument --methods: invalid choice: {', '.join(map(repr, unknown or named))} (choose from "

@@ -280,6 +280,42 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     assert cal["in_sample_kl"] <= cal["paper_in_sample_kl"] + 1e-9
 
 
+def test_a_hugging_face_cache_snapshot_calibrates_under_its_repository_name(tiny_checkpoint, longbench_dir, tmp_path,
+                                                                            monkeypatch):
+    """A model given by id lives in <cache>/models--org--name/snapshots/<commit>: its plans are
+    plans/<name>/..., for model <name>, where the evaluation looks for them (not plans/<commit>)."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in tiny_checkpoint.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    monkeypatch.setattr(K, "PLANS_DIR", tmp_path / "plans")
+    C.main(["--model", str(snapshot), "--data-dir", str(longbench_dir), "--budgets", "48", "--n-samples", "2",
+            "--n-validation", "0", "--max-length", "200", "--n-continuation", "4"])
+    plan = K.load_plan(K.plan_path(tmp_path / "plans" / "tiny-llama", 48, "polykv"), n_layers=2)
+    assert plan.model == "tiny-llama" == CK.model_name(snapshot)
+    cfg = CK.load_config(snapshot)
+    assert set(K.committed_plans("tiny-llama", cfg)) == {(n, 48) for n in K.POLYKV}  # found where evaluation looks
+    # a folder that only looks like a budget's is not one: its plans would pass for budget 48's
+    stray = tmp_path / "plans" / "tiny-llama" / "budget48_old"
+    stray.mkdir()
+    (stray / "polykv.json").write_text("not a plan")
+    assert set(K.committed_plans("tiny-llama", cfg)) == {(n, 48) for n in K.POLYKV}
+    assert list(K.budget_dirs(tmp_path / "plans" / "tiny-llama")) == [48]
+    assert report.calibration_table(tmp_path / "plans" / "tiny-llama").count("\n| 48 |") == 1
+
+
+def test_calibration_runs_at_the_length_evaluation_uses(longbench_dir, tmp_path, monkeypatch):
+    """Without --max-length: LongBench's 2048 with a LongBench folder, RULER's 4096 without one."""
+    seen = []
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, out, cs, *a: seen.append(cs.max_length))
+    C.main(["--data-dir", str(longbench_dir), "--out", str(tmp_path / "lb")])
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
+    C.main(["--out", str(tmp_path / "ruler")])
+    C.main(["--out", str(tmp_path / "ruler"), "--max-length", "1024"])
+    assert seen == [2048, 4096, 1024]
+
+
 def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
     for argv, message in ([["--budgets", "16"], "below the observation window"],
                           [["--n-samples", "0"], "--n-samples must be positive"],

@@ -1,6 +1,9 @@
 """calibration_study.py's tables from constructed rows: exact means over the right samples, the
 leave-one-family-out share, and the plot only where there is a curve."""
+import pytest
+
 import calibration_study as S
+import checkpoint as CK
 
 
 def row(key: str, plans: list[str]) -> dict:
@@ -31,3 +34,10 @@ def test_a_run_without_learning_curve_draws_writes_no_plot(tmp_path):
     validation = {f"{k}/{p}": {"key": f"{k}/{p}", "kls": {"h1": 1.0 if p == "uniform" else 0.5}} for k in rows for p in ("uniform", "polykv")}
     text = S.study_tables(rows, validation, [], ["h1"], tmp_path)
     assert "share of the in-family gain that survives: 100%." in text and not (tmp_path / "curve.png").exists()
+
+
+def test_a_study_without_its_folder_fails_before_the_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit):
+        S.main(["--data-dir", "somewhere"])
+    assert "--out is required" in capsys.readouterr().err

@@ -381,6 +381,37 @@ def test_a_changed_plan_reruns_only_its_method(ckpt, data, tmp_path, monkeypatch
     assert {r["id"] for r in recs} == {*free["hotpotqa"][1:3], *free["trec"][:2]}
 
 
+def test_a_missing_plan_fails_before_any_sample_is_read_and_names_the_calibration_it_needs(ckpt, data, tmp_path,
+                                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(E, "load_benchmark", lambda *a: pytest.fail("read the samples first"))
+    for mode in ("aware", "agnostic"):
+        assert E.main(args(ckpt, data, tmp_path / mode, "--methods", "polykv", "--budget", "64", "--query", mode)) == 2
+        err = capsys.readouterr().err
+        assert f"python calibrate.py --model {ckpt} --budgets 64 --max-length 200" in err  # the length this run uses
+        assert ("--query agnostic" in err) == (mode == "agnostic")
+
+
+def test_plan_names_split_at_the_first_equals_sign_everywhere(ckpt, data, tmp_path):
+    """NAME=FILE: the command line's check and the plan loader read the same name and file."""
+    folder = tmp_path / "a=b"  # a file whose path holds "=" too
+    path = save_plans(folder, ckpt.name)[0]
+    assert E.plan_spec(f"polykv_x={path}") == ("polykv_x", Path(path)) and E.plan_spec(path) == ("", Path(path))
+    s = E.parse_settings(args(ckpt, data, tmp_path / "out", "--plan", f"polykv_x={path}", "--methods", "polykv_x"))
+    cfg = CK.load_config(ckpt)
+    assert [p.name for p in E.load_given_plans(s, ckpt, cfg)] == ["polykv_x"]
+
+
+def test_a_run_of_chosen_ids_writes_to_a_folder_of_its_own(ckpt):
+    """Else a two-sample debugging run would rewrite the report of the full run it picks from."""
+    full = E.parse_settings(["--data-dir", "d", "--limit", "0", "--max-length", "200"])
+    ids = E.parse_settings(["--data-dir", "d", "--ids", "b", "a", "--max-length", "200"])
+    full, ids = (replace(x, benchmark="longbench", limit=0) for x in (full, ids))
+    assert E.default_out(full, ckpt).name == "longbench_maxlen200_limitall"
+    assert E.default_out(ids, ckpt).name.startswith("longbench_maxlen200_ids-")
+    assert E.default_out(ids, ckpt) == E.default_out(replace(ids, ids=("a", "b")), ckpt) != E.default_out(
+        replace(ids, ids=("a",)), ckpt)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--tasks", "hotpotqa", "gov_report", "--methods", "h2o"], "unknown task(s) gov_report; valid here: hotpotqa, trec"),
     (["--methods", "polykv", "--plan", "PLACEHOLDER_OTHER_MODEL"], "plan is for model 'Llama-3.1-8B-Instruct'"),
@@ -413,7 +444,7 @@ def test_malformed_jsonl_names_file_and_line(ckpt, data, tmp_path, capsys):
         (bad / "config" / f.name).write_text(f.read_text())
     lines = (data / "trec.jsonl").read_text().splitlines()
     (bad / "trec.jsonl").write_text(lines[0] + "\n{not json\n")
-    assert E.main(args(ckpt, bad, tmp_path / "out")) == 2
+    assert E.main(args(ckpt, bad, tmp_path / "out", "--methods", "h2o")) == 2  # no plan needed: the data is read
     assert "trec.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 

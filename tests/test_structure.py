@@ -62,12 +62,15 @@ def test_the_window_default_is_written_once():
 
 
 def test_calibration_defaults_are_written_once():
-    """The CLI's defaults are CalibrationSettings' own."""
+    """The CLI's defaults are CalibrationSettings' own; the prompt length is evaluation's for the
+    benchmark (run_settings.MAX_LENGTH), chosen once the data is known."""
     import calibrate as C
+    from run_settings import MAX_LENGTH
     args = C.parse_args([])
     d = C.CalibrationSettings()
     for name in C.CalibrationSettings.__dataclass_fields__:
-        assert getattr(args, name) == getattr(d, name), name
+        assert getattr(args, name) == getattr(d, name) or (name, args.max_length) == ("max_length", None), name
+    assert d.max_length == MAX_LENGTH["longbench"]
 
 
 def test_no_pointers_outside_the_repository():

@@ -336,7 +336,7 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, se
 def parse_args(argv):
     d = CalibrationSettings()
     p = argparse.ArgumentParser(description="PolyKV offline calibration -> plan JSON (+ PNG) per budget.")
-    p.add_argument("--budgets", type=int, nargs="+", default=[512], help="target average budgets (tokens per KV head "
+    p.add_argument("--budgets", type=int, nargs="+", default=[K.DEFAULT_BUDGET], help="target average budgets (tokens per KV head "
                    "per layer); --budget is the same")
     p.add_argument("--budget", type=int, nargs="+", dest="budgets", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="checkpoint folder or cached Hugging Face id (default: SmolLM2-135M-Instruct)")

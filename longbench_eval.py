@@ -59,8 +59,16 @@ def load_benchmark(s: RunSettings, tokenizer) -> dict[str, list[dict]]:
         return {t: R.generate(t, s.limit, tokenizer, s.max_length, s.ruler_seed,
                               haystack_file=s.haystack, qa_file=qa_files.get(t))
                 for t in s.tasks or R.DEFAULT_TASKS + enabled}
-    by_task = LB.load_samples(s.data_dir, list(s.tasks) or None)
-    return {t: v for t, v in by_task.items() if not s.quick or v[0]["max_new_tokens"] <= QUICK_MAX_NEW}
+    skipped = quick_skipped(s)
+    return {t: v for t, v in LB.load_samples(s.data_dir, list(s.tasks) or None).items() if t not in skipped}
+
+
+def quick_skipped(s: RunSettings) -> list[str]:
+    """The LongBench tasks the quick default leaves out: those that generate over QUICK_MAX_NEW tokens."""
+    if not (s.quick and s.benchmark == "longbench"):
+        return []
+    max_new = LB.load_config(s.data_dir)[1]
+    return [t for t in LB.available_tasks(s.data_dir) if max_new.get(t, 0) > QUICK_MAX_NEW]
 
 
 def select_samples(s: RunSettings, by_task: dict, excluded: set[str]) -> tuple[list[dict], int]:
@@ -319,7 +327,7 @@ def complete(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[RunSetting
     given = load_given_plans(s, model_dir, cfg)
     methods = s.methods or tuple(dict.fromkeys([m for m in K.DEFAULT_METHODS if m not in K.PLAN_METHODS or not given]
                                                + [p.name for p in given]))
-    budgets = s.budgets or tuple(sorted({int(p.average_budget) for p in given})) or (512,)
+    budgets = s.budgets or tuple(sorted({int(p.average_budget) for p in given})) or (K.DEFAULT_BUDGET,)
     limit = s.limit if s.limit >= 0 else QUICK[s.benchmark] if s.quick or s.benchmark == "ruler" else 0
     if s.benchmark == "ruler" and limit == 0:
         raise ValueError("--limit 0 (all) has no meaning for RULER, whose samples are generated: give a number per task")
@@ -348,8 +356,7 @@ def haystacks(samples: list[dict]) -> list[str]:
 def announce(s: RunSettings, samples: list, runs: list, n_excluded: int, note: str, out: Path) -> None:
     """The run's first line: which mode, what data, how much work (and why, if the data changed)."""
     if s.quick:
-        skipped = [t for t, n in LB.load_config(s.data_dir)[1].items() if n > QUICK_MAX_NEW and t in LB.available_tasks(
-            s.data_dir) and (t in s.tasks or not s.tasks)] if s.benchmark == "longbench" else []
+        skipped = quick_skipped(s)
         mode = (f"quick default run ({s.limit} per task" + (f", skipping {', '.join(skipped)}: over {QUICK_MAX_NEW} "
                 f"new tokens each" if skipped else "") + "; --limit, --tasks or --ids choose the scale)")
     else:

@@ -29,6 +29,7 @@ import model as M
 import policies as P
 
 PLANS_DIR = Path(__file__).resolve().parent / "plans"  # committed plans: plans/<model>/budget<B>/<name>.json
+DEFAULT_BUDGET = 512  # tokens kept per KV head per layer, on average, when no budget is asked for
 CANDIDATES = tuple(p for p in P.SCORERS if p != "random")  # routing candidates: random is the floor, not a choice
 BASELINES = tuple(P.SCORERS) + ("pyramidkv",)  # every single policy, and PyramidKV's schedule with SnapKV
 POLYKV = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations

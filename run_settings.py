@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU; the run's first line says so. Data: --data-dir, $LONGBENCH_DIR or data/LongBench; with none, LongBench is "
         "downloaded there where there is a network, else RULER runs (generated, offline)."))
     p.add_argument("--budget", "--budgets", dest="budgets", type=int, nargs="+", default=None,
-                   help="average budgets: tokens kept per KV head per layer (default 512; all from the same prefills)")
+                   help=f"average budgets: tokens kept per KV head per layer (default {K.DEFAULT_BUDGET}; all from the same prefills)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help=f"subset of: {', '.join(K.METHODS)}, and names given by --plan NAME=FILE (default: all but "
                    f"{K.POLYKV_HEADS})")

@@ -32,18 +32,18 @@ import longbench as LB
 import longbench_metrics as LM
 import checkpoint as CK
 import model as M
-import policies as P
 import polykv as K
 import report
 import run_folder as RF
 import ruler as R
-from run_settings import MAX_LENGTH, QUICK, QUICK_MAX_NEW, RunSettings, parse_settings, plan_spec
+from run_settings import (MAX_LENGTH, QUICK, QUICK_MAX_NEW, RunSettings, build_runs, choose_plans, load_given_plans,
+                          parse_settings, policy_settings, runs_on_record)
 
 PROJECT = Path(__file__).resolve().parent
 TF_TOKENS = 64  # teacher-forced fidelity looks at the first tokens of FullKV's output
 
 
-# ----------------------------------------------------------------------------- samples and plans
+# ----------------------------------------------------------------------------- samples
 
 
 def load_benchmark(s: RunSettings, tokenizer) -> dict[str, list[dict]]:
@@ -89,91 +89,6 @@ def select_samples(s: RunSettings, by_task: dict, excluded: set[str]) -> tuple[l
     return samples, sum(x["_id"] in out_of_bounds for v in by_task.values() for x in v)
 
 
-def load_given_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> list[K.Plan]:
-    """--plan files, each checked for this model; NAME=FILE runs a plan under another polykv* name
-    (e.g. polykv_ruler=plans/<model>/ruler/budget512/polykv.json beside the committed polykv)."""
-    plans = []
-    for spec in s.plans:
-        name, path = plan_spec(spec)
-        plan = K.load_model_plan(path, CK.model_name(model_dir), cfg)
-        plan.name = name or plan.name
-        plans.append(plan)
-    return plans
-
-
-def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, set[str], dict]:
-    """({(name, budget): plan} for the requested PolyKV methods, ids no method may be scored on,
-    every plan at hand: committed or given, at any budget).
-    Plans come from --plan or the committed plans/; a missing one is an error naming the command
-    that makes it: an evaluation never calibrates behind the user's back."""
-    given = {(p.name, int(p.average_budget)): p for p in load_given_plans(s, model_dir, cfg)}
-    committed = K.committed_plans(CK.model_name(model_dir), cfg)
-    every = {**committed, **given}  # a --plan replaces the committed plan of its name and budget
-    excluded = {i for p in list(committed.values()) + list(given.values())
-                for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
-    wanted = [(m, b) for m in s.methods if K.is_plan_method(m) for b in s.budgets]
-    missing = [(m, b) for m, b in wanted if (m, b) not in every]
-    if missing:
-        have = sorted(f"{m}@{b}" for m, b in every)
-        raise ValueError(f"no {', '.join(f'{m} plan for budget {b}' for m, b in missing)} (plans found: "
-                         f"{', '.join(have) or 'none'}). Make them with: python calibrate.py --model {model_dir} "
-                         f"--budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))} "
-                         f"--max-length {s.max_length}" + (" --query agnostic" if s.query == "agnostic" else "")
-                         + (f" --data-dir {s.data_dir}" if s.data_dir else "") + ", or pass --plan FILE")
-    for m, b in wanted:  # allowed (a transfer between modes is an experiment), but never silently
-        mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
-        if mode != s.query:
-            print(f"note: the {m} plan for budget {b} was calibrated query-{mode}; this run compresses query-{s.query}")
-    return {k: every[k] for k in wanted}, excluded, every
-
-
-def runs_on_record(s: RunSettings, every: dict, n_layers: int, samples: list[dict], out: Path) -> list[tuple]:
-    """The runs the folder's tables cover: this run's methods at its budgets, and at every other
-    budget where the folder already holds all their records (with the plans at hand, made with this
-    run's policy settings), so rerunning one budget keeps the others in results.md. Nothing is recomputed."""
-    records = RF.read_records(out)
-    plan_methods = [m for m in s.methods if K.is_plan_method(m)]
-
-    def runs_at(budgets: list[int]) -> list[tuple] | None:
-        """build_runs at these budgets; None if a plan is missing or their policy settings differ."""
-        if any((m, b) not in every for m in plan_methods for b in budgets):
-            return None
-        try:
-            plans = {(m, b): every[m, b] for m in plan_methods for b in budgets}
-            return build_runs(replace(s, budgets=budgets), plans, n_layers)
-        except ValueError:
-            return None
-
-    def on_record(b: int) -> bool:
-        runs = runs_at(sorted({*s.budgets, b}))  # with this run's budgets: the same settings as theirs
-        return runs is not None and all(RF.run_key(x["_id"], m, run_budget, RF.plan_fingerprint(p)) in records
-                                        for x in samples for m, run_budget, p in runs)  # FullKV: budget None
-
-    recorded = {r["budget"] for r in records.values() if r["budget"] is not None} - set(s.budgets)
-    return runs_at(sorted({*s.budgets, *filter(on_record, recorded)}))
-
-
-def build_runs(s: RunSettings, plans: dict, n_layers: int) -> list[tuple]:
-    """[(method, budget, plan)]: FullKV once (budget None, plan None), the rest per budget."""
-    settings = next((p.settings for p in plans.values()), P.Settings())
-    other = next((p for p in plans.values() if p.settings != settings), None)
-    if other is not None:  # one run, one set of policy settings: its baselines and run.json take them
-        field = next(f for f, v in asdict(other.settings).items() if asdict(settings)[f] != v)
-        raise ValueError(f"the PolyKV plans were made with different policy settings ({field}: "
-                         f"{getattr(settings, field)!r} vs {getattr(other.settings, field)!r} in plan {other.name}); "
-                         "evaluate them in separate runs")
-    runs = [("fullkv", None, None)]  # always: every other run is measured against it
-    for b in s.budgets:
-        for m in s.methods:
-            if K.is_plan_method(m):
-                runs.append((m, b, plans[m, b]))
-            elif m != "fullkv":
-                plan = K.baseline_plan(m, n_layers, b, settings)
-                K.validate_plan(plan, n_layers, b, source=f"{m} at budget {b}")
-                runs.append((m, b, plan))
-    return runs
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -208,7 +123,7 @@ def prefill_sample(model, ids: list[int], n_context: int, s: RunSettings, runs: 
     cut = n_context if s.query == "agnostic" and n_context < len(ids) else len(ids)
     tokens = torch.tensor([ids[:cut]], device=s.device)
     h2o_layers = sorted({l for _, _, p in runs if p for l in K.h2o_layers(p)})
-    window = next((p.settings.window for _, _, p in runs if p), P.Settings().window)
+    window = policy_settings(runs).window
     logits, cache, stats = K.prefill_with_stats(model, tokens, window, h2o_layers)
     question = tokens.new_tensor(ids[cut:])
     return (None if len(question) else logits), cache, stats, question
@@ -281,10 +196,9 @@ def run_config(s: RunSettings, model_dir: Path, runs: list[tuple]) -> dict:
     data = LB.data_id(s.data_dir) if s.benchmark == "longbench" else f"ruler-seed{s.ruler_seed}" + "".join(
         f"+{name}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
         for name, path in ((("essay", s.haystack),) if s.haystack else ()) + s.qa_files)
-    settings = next((p for _, _, p in runs if p), None)  # every plan of a run shares the window, see build_runs
     return {"data_id": data, "model": CK.model_name(model_dir), "model_id": CK.model_fingerprint(model_dir),
             "max_length": s.max_length, "dtype": s.dtype, "query": s.query,
-            "settings": asdict(settings.settings if settings else P.Settings())}
+            "settings": asdict(policy_settings(runs))}
 
 
 def run_samples(model, tokenizer, model_dir: Path, samples: list[dict], runs: list[tuple], s: RunSettings,

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import longbench as LB  # noqa: E402
 import longbench_eval as E  # noqa: E402
+import run_settings as RS  # noqa: E402
 import checkpoint as CK  # noqa: E402
 import model as M  # noqa: E402
 import polykv as K  # noqa: E402
@@ -395,10 +396,10 @@ def test_plan_names_split_at_the_first_equals_sign_everywhere(ckpt, data, tmp_pa
     """NAME=FILE: the command line's check and the plan loader read the same name and file."""
     folder = tmp_path / "a=b"  # a file whose path holds "=" too
     path = save_plans(folder, ckpt.name)[0]
-    assert E.plan_spec(f"polykv_x={path}") == ("polykv_x", Path(path)) and E.plan_spec(path) == ("", Path(path))
+    assert RS.plan_spec(f"polykv_x={path}") == ("polykv_x", Path(path)) and RS.plan_spec(path) == ("", Path(path))
     s = E.parse_settings(args(ckpt, data, tmp_path / "out", "--plan", f"polykv_x={path}", "--methods", "polykv_x"))
     cfg = CK.load_config(ckpt)
-    assert [p.name for p in E.load_given_plans(s, ckpt, cfg)] == ["polykv_x"]
+    assert [p.name for p in RS.load_given_plans(s, ckpt, cfg)] == ["polykv_x"]
 
 
 def test_a_run_of_chosen_ids_writes_to_a_folder_of_its_own(ckpt):

@@ -53,7 +53,7 @@ class CalibrationSettings:
     """The calibration's knobs: the one place their defaults are written."""
     n_samples: int = 32  # calibration samples, drawn round-robin over the tasks
     n_validation: int = 32  # held-out samples that score the plans (a fixed set: drawn first)
-    max_length: int = MAX_LENGTH["longbench"]  # LongBench prompts are middle-truncated to this many tokens
+    max_length: int = MAX_LENGTH["longbench"]  # tokens: LongBench prompts middle-truncated, RULER prompt + generation
     n_continuation: int = 32  # FullKV's greedy tokens whose next-token distributions are the target
     order: str = "allocate-route"  # PolyKV: allocate, then route at the allocated budgets (see paper_plans)
     refine: bool = False  # then the search on the joint objective
@@ -270,8 +270,7 @@ def calibration_sets(tokenizer, cs: CalibrationSettings, data_dir: Path | None,
                      tasks: tuple[str, ...] = ()) -> tuple[list, list, str]:
     """(calibration samples, validation samples, data id): from the LongBench folder's calibration
     pool, or, without one, from RULER samples generated with seeds that evaluation never uses.
-    tasks: draw from these tasks only (default: every task of the folder; RULER's default tasks).
-    The sample ids name their tasks, so a plan records which tasks it was calibrated on."""
+    tasks: draw from these tasks only (default: every task of the folder; RULER's default tasks)."""
     if data_dir is not None:
         pool, data = LB.calibration_pool(LB.load_samples(data_dir, list(tasks) or None)), LB.data_id(data_dir)
     else:
@@ -289,7 +288,7 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
     (out_dir/budget<B>/<name>.json); a budget already written with the same settings is kept."""
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
-    record = {"calibration_settings": asdict(cs), "data": data,
+    record = {"calibration_settings": asdict(cs), "data": data, **({"tasks": list(tasks)} if tasks else {}),
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
     model_name = CK.model_name(model_dir)  # a Hugging Face cache snapshot is named by its repository, not its commit
     paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
@@ -340,6 +339,8 @@ def parse_args(argv):
                    "per layer); --budget is the same")
     p.add_argument("--budget", type=int, nargs="+", dest="budgets", help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="checkpoint folder or cached Hugging Face id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--benchmark", choices=("longbench", "ruler"), default=None, help="the calibration samples' benchmark "
+                   "(default: LongBench if a folder is given or found, else RULER, generated)")
     p.add_argument("--data-dir", default=None, help="LongBench folder (default: $LONGBENCH_DIR, data/LongBench; none: RULER samples)")
     p.add_argument("--out", type=Path, default=None, help="plan folder (default: plans/<model>, the committed plans)")
     p.add_argument("--tasks", nargs="+", default=[], help="calibrate on these tasks only (default: every LongBench "
@@ -366,7 +367,11 @@ def main(argv=None) -> None:
     if args.summary:
         print(report.calibration_table(args.summary))
         return
-    data_dir = LB.find_data_dir(args.data_dir, ROOT)
+    if args.benchmark == "ruler" and args.data_dir:
+        raise ValueError("--data-dir is a LongBench folder: not with --benchmark ruler")
+    data_dir = None if args.benchmark == "ruler" else LB.find_data_dir(args.data_dir, ROOT)
+    if args.benchmark == "longbench" and data_dir is None:
+        raise ValueError("--benchmark longbench: no LongBench folder (--data-dir, $LONGBENCH_DIR or data/LongBench)")
     if args.max_length is None:  # the length evaluation runs the benchmark at: plans fit the prompts they serve
         args.max_length = MAX_LENGTH["longbench" if data_dir is not None else "ruler"]
     cs = CalibrationSettings(**{f: getattr(args, f) for f in CalibrationSettings.__dataclass_fields__})
@@ -375,11 +380,11 @@ def main(argv=None) -> None:
     if min(budgets) < settings.window:
         raise ValueError(f"--budgets: {min(budgets)} is below the observation window ({settings.window}), "
                          "which every layer keeps")
-    tasks = tuple(dict.fromkeys(args.tasks))
     valid = LB.available_tasks(data_dir) if data_dir is not None else R.ALL_TASKS
-    if unknown := [t for t in tasks if t not in valid]:
+    if unknown := [t for t in args.tasks if t not in valid]:
         where = f"in {data_dir}" if data_dir is not None else "for RULER (no LongBench folder)"
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; valid {where}: {', '.join(valid)}")
+    tasks = tuple(t for t in valid if t in args.tasks)  # in one order: the same tasks draw the same samples
     model_dir = CK.resolve_model_dir(args.model)
     out = args.out or K.PLANS_DIR / CK.model_name(model_dir)
     RF.check_writable(out, "--out")

@@ -151,7 +151,7 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
         return paths
     first = next(iter(parents.values()))
     cs = C.CalibrationSettings(**first.info["calibration_settings"])
-    calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir)
+    calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir, tuple(first.info.get("tasks", ())))
     if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
         raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
     bench = LB if data_dir is not None else C.R

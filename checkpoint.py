@@ -220,7 +220,7 @@ def resolve_model_dir(name: str | Path | None) -> Path:
 def model_name(model_dir: Path) -> str:
     """A checkpoint's display name: its folder, or the repository name of a Hugging Face cache snapshot."""
     model_dir = Path(model_dir)
-    if model_dir.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<commit>
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):  # <cache>/models--org--name/snapshots/<commit>
         return model_dir.parent.parent.name.split("--")[-1]
     return model_dir.name
 

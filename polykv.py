@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -136,14 +137,14 @@ def budget_dir(plan_dir: str | Path, budget: int) -> Path:
 
 
 def plan_path(plan_dir: str | Path, budget: int, name: str) -> Path:
+    """<plan_dir>/budget<B>/<name>.json"""
     return budget_dir(plan_dir, budget) / f"{name}.json"
 
 
 def budget_dirs(plan_dir: str | Path) -> dict[int, Path]:
     """{budget: folder} for every budget<B> folder in plan_dir, by budget (a folder such as
     budget512_old is not one: its plans would pass for budget 512's)."""
-    found = {int(d.name[len("budget"):]): d for d in Path(plan_dir).glob("budget*")
-             if d.is_dir() and d.name[len("budget"):].isdigit()}
+    found = {int(m[1]): d for d in Path(plan_dir).glob("budget*") if d.is_dir() and (m := re.fullmatch(r"budget([0-9]+)", d.name))}
     return dict(sorted(found.items()))
 
 

@@ -176,7 +176,7 @@ METRICS = {"string_match_all": string_match_all, "string_match_part": string_mat
 
 
 def sample_scores(task: str, predictions: list[str], answers_list: list[list[str]], all_classes=None) -> list[float]:
-    """Per-sample score x 100 after RULER's post-processing (same signature as longbench.sample_scores)."""
+    """Per-sample score x 100 after RULER's post-processing (same signature as longbench_metrics.sample_scores)."""
     metric = METRICS[TEMPLATES[task_config(task)["task"]]["metric"]]
     if not predictions or len(predictions) != len(answers_list):
         raise ValueError(f"{task}: {len(predictions)} predictions for {len(answers_list)} samples")

@@ -156,13 +156,14 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
                 for i in p.info.get("calibration_ids", []) + p.info.get("validation_ids", [])}
     wanted = [(m, b) for m in s.methods if K.is_plan_method(m) for b in s.budgets]
     missing = [(m, b) for m, b in wanted if (m, b) not in every]
-    if missing:
-        have = sorted(f"{m}@{b}" for m, b in every)
-        raise ValueError(f"no {', '.join(f'{m} plan for budget {b}' for m, b in missing)} (plans found: "
-                         f"{', '.join(have) or 'none'}). Make them with: python calibrate.py --model {model_dir} "
-                         f"--budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))} "
-                         f"--max-length {s.max_length}" + (" --query agnostic" if s.query == "agnostic" else "")
-                         + (f" --data-dir {s.data_dir}" if s.data_dir else "") + ", or pass --plan FILE")
+    if missing:  # the command that makes them, on the data, length, mode and tasks of this run
+        have = ", ".join(sorted(f"{m}@{b}" for m, b in every)) or "none"
+        data = f"--data-dir {s.data_dir}" if s.benchmark == "longbench" else "--benchmark ruler" + (
+            f" --tasks {' '.join(s.tasks)}" if s.tasks else "")
+        command = (f"python calibrate.py --model {model_dir} --budgets {' '.join(str(b) for b in sorted({b for _, b in missing}))} "
+                   f"{data} --max-length {s.max_length}" + (" --query agnostic" if s.query == "agnostic" else ""))
+        raise ValueError(f"no {', '.join(f'{m} plan for budget {b}' for m, b in missing)} (plans found: {have}). "
+                         f"Make them with: {command}, or pass --plan FILE")
     for m, b in wanted:  # allowed (a transfer between modes is an experiment), but never silently
         mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
         if mode != s.query:

@@ -290,9 +290,10 @@ def test_a_hugging_face_cache_snapshot_calibrates_under_its_repository_name(tiny
         (snapshot / f.name).symlink_to(f)
     monkeypatch.setattr(K, "PLANS_DIR", tmp_path / "plans")
     C.main(["--model", str(snapshot), "--data-dir", str(longbench_dir), "--budgets", "48", "--n-samples", "2",
-            "--n-validation", "0", "--max-length", "200", "--n-continuation", "4"])
+            "--n-validation", "0", "--max-length", "200", "--n-continuation", "4", "--tasks", "trec", "hotpotqa"])
     plan = K.load_plan(K.plan_path(tmp_path / "plans" / "tiny-llama", 48, "polykv"), n_layers=2)
     assert plan.model == "tiny-llama" == CK.model_name(snapshot)
+    assert plan.info["tasks"] == ["hotpotqa", "trec"]  # recorded, in one order (the folder's)
     cfg = CK.load_config(snapshot)
     assert set(K.committed_plans("tiny-llama", cfg)) == {(n, 48) for n in K.POLYKV}  # found where evaluation looks
     # a folder that only looks like a budget's is not one: its plans would pass for budget 48's
@@ -314,6 +315,18 @@ def test_calibration_runs_at_the_length_evaluation_uses(longbench_dir, tmp_path,
     C.main(["--out", str(tmp_path / "ruler")])
     C.main(["--out", str(tmp_path / "ruler"), "--max-length", "1024"])
     assert seen == [2048, 4096, 1024]
+    monkeypatch.undo()  # a LongBench folder is found, and --benchmark ruler still calibrates on RULER
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(C, "run", lambda model, tok, model_dir, budgets, out, cs, settings, data_dir, tasks:
+                        seen.append((data_dir, cs.max_length)))
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: longbench_dir)
+    C.main(["--out", str(tmp_path / "forced"), "--benchmark", "ruler"])
+    assert seen[-1] == (None, 4096)
+    with pytest.raises(ValueError, match="not with --benchmark ruler"):
+        C.main(["--out", str(tmp_path / "forced"), "--benchmark", "ruler", "--data-dir", str(longbench_dir)])
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: None)
+    with pytest.raises(ValueError, match="--benchmark longbench: no LongBench folder"):
+        C.main(["--out", str(tmp_path / "forced"), "--benchmark", "longbench"])
 
 
 def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
@@ -340,6 +353,16 @@ def test_tasks_restrict_the_calibration_samples_and_are_checked_before_the_model
     first = next(iter(LB.available_tasks(longbench_dir)))
     lb = C.calibration_sets(tokenizer, replace(cs, n_samples=1, n_validation=1), longbench_dir, (first,))
     assert {s["dataset"] for s in lb[0] + lb[1]} == {first}
+    one, other = C.calibration_sets(tokenizer, cs, None, tasks), C.calibration_sets(tokenizer, cs, None, tasks[::-1])
+    assert [s["_id"] for s in one[0]] != [s["_id"] for s in other[0]]  # so main puts them in one order:
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(CK, "load_model", lambda *a, **k: None)
+        m.setattr(C, "run", lambda *a: seen.append(a[-1]))
+        m.setattr(LB, "find_data_dir", lambda *a: None)
+        for order in (tasks, tasks[::-1]):
+            C.main(["--tasks", *order, "--out", str(tmp_path / "order")])
+    assert seen == [tuple(t for t in R.ALL_TASKS if t in tasks)] * 2
     monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match="unknown task.*nope"):
         C.main(["--tasks", "nope", "--data-dir", str(longbench_dir), "--out", str(tmp_path)])

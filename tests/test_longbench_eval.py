@@ -108,6 +108,7 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
         metrics["scores"]["fullkv"]["full"]["average"] - metrics["scores"][best]["48"]["average"])
     assert sd["fullkv_minus_best"][1] <= sd["fullkv_minus_best"][0] <= sd["fullkv_minus_best"][2]
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
+    assert metrics["tf_tokens"] == E.TF_TOKENS and f"(first {E.TF_TOKENS} tokens)" in (out / "results.md").read_text()
     assert "longbench, query-aware, 2 per task" in printed.splitlines()[0]  # the mode, said first
     assert "| h2o |" in printed and "| snapkv | 0.00 / 0." in printed  # the summary table
     kl_row = f"| h2o | {tf['tf_kl']:.4f} | {metrics['fidelity']['h2o']['64']['tf_kl']:.4f} |"
@@ -388,8 +389,12 @@ def test_a_missing_plan_fails_before_any_sample_is_read_and_names_the_calibratio
     for mode in ("aware", "agnostic"):
         assert E.main(args(ckpt, data, tmp_path / mode, "--methods", "polykv", "--budget", "64", "--query", mode)) == 2
         err = capsys.readouterr().err
-        assert f"python calibrate.py --model {ckpt} --budgets 64 --max-length 200" in err  # the length this run uses
+        assert f"python calibrate.py --model {ckpt} --budgets 64 --data-dir {data} --max-length 200" in err
         assert ("--query agnostic" in err) == (mode == "agnostic")
+    ruler = ["--model", str(ckpt), "--benchmark", "ruler", "--tasks", "niah_single_1", "--limit", "1", "--max-length",
+             "1024", "--methods", "polykv", "--budget", "64", "--out", str(tmp_path / "ruler")]
+    assert E.main(ruler) == 2  # RULER's data, length and tasks, even where a LongBench folder would be found
+    assert "--budgets 64 --benchmark ruler --tasks niah_single_1 --max-length 1024, or" in capsys.readouterr().err
 
 
 def test_plan_names_split_at_the_first_equals_sign_everywhere(ckpt, data, tmp_path):
@@ -402,8 +407,14 @@ def test_plan_names_split_at_the_first_equals_sign_everywhere(ckpt, data, tmp_pa
     assert [p.name for p in RS.load_given_plans(s, ckpt, cfg)] == ["polykv_x"]
 
 
-def test_a_run_of_chosen_ids_writes_to_a_folder_of_its_own(ckpt):
+def test_a_run_of_chosen_ids_writes_to_a_folder_of_its_own(ckpt, data, tmp_path, monkeypatch):
     """Else a two-sample debugging run would rewrite the report of the full run it picks from."""
+    monkeypatch.setattr(E, "PROJECT", tmp_path)
+    some = json.loads((data / "trec.jsonl").read_text().splitlines()[0])["_id"]
+    assert E.main(["--model", str(ckpt), "--data-dir", str(data), "--max-length", "200", "--ids", some,
+                   "--methods", "h2o", "--budget", "48"]) == 0
+    [folder] = (tmp_path / "results" / CK.model_name(ckpt)).iterdir()
+    assert folder.name.startswith("longbench_maxlen200_ids-") and (folder / "results.md").is_file()
     full = E.parse_settings(["--data-dir", "d", "--limit", "0", "--max-length", "200"])
     ids = E.parse_settings(["--data-dir", "d", "--ids", "b", "a", "--max-length", "200"])
     full, ids = (replace(x, benchmark="longbench", limit=0) for x in (full, ids))

@@ -144,8 +144,8 @@ def plan_path(plan_dir: str | Path, budget: int, name: str) -> Path:
 def budget_dirs(plan_dir: str | Path) -> dict[int, Path]:
     """{budget: folder} for every budget<B> folder in plan_dir, by budget (a folder such as
     budget512_old is not one: its plans would pass for budget 512's)."""
-    found = {int(m[1]): d for d in Path(plan_dir).glob("budget*") if d.is_dir() and (m := re.fullmatch(r"budget([0-9]+)", d.name))}
-    return dict(sorted(found.items()))
+    named = ((re.fullmatch(r"budget([0-9]+)", d.name), d) for d in Path(plan_dir).glob("budget*") if d.is_dir())
+    return dict(sorted((int(m[1]), d) for m, d in named if m))
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

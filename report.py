@@ -338,11 +338,10 @@ def markdown(metrics: dict) -> str:
     length = (f"query-{metrics.get('query', 'aware')}, {metrics['max_length']} tokens of prompt + generation"
               + (f" (haystacks: {', '.join(metrics['haystacks'])})" if metrics.get("haystacks") else "")
               if metrics.get("benchmark") == "ruler" else f"prompts truncated to {metrics['max_length']} tokens")
-    tf_tokens = f" (first {metrics['tf_tokens']} tokens)" if "tf_tokens" in metrics else ""  # the runner's choice
     lines = [f"{metrics['model']} on {metrics['data']}: {metrics['n_samples']} samples, {length}, "
              f"{metrics['excluded_calibration_samples']} calibration samples excluded. "
              "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
-             f"tf agree / tf KL: fed FullKV's output{tf_tokens}, share of next tokens predicted as "
+             f"tf agree / tf KL: fed FullKV's output (first {metrics['tf_tokens']} tokens), share of next tokens predicted as "
              "FullKV does / mean KL(FullKV || method)."]
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
     if not budgets:  # FullKV alone (e.g. checking which tasks a model can do at all)

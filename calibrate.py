@@ -59,6 +59,7 @@ class CalibrationSettings:
     refine: bool = False  # then the search on the joint objective
     max_evals: int = 100  # objective evaluations per search
     quantum: int = 32  # tokens a search move shifts between layers
+    max_ratio: float = 4.0  # a layer's budget is at most this many times the average (and at most the prompt)
     min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
     seed: int = 0  # which samples are drawn
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
@@ -73,6 +74,8 @@ class CalibrationSettings:
             raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
             raise ValueError(f"order must be 'route-allocate' or 'allocate-route', got {self.order!r}")
+        if self.max_ratio < 1:
+            raise ValueError(f"--max-ratio must be at least 1 (the average budget), got {self.max_ratio}")
         if not 0 <= self.min_win_share < 1:
             raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
 
@@ -220,7 +223,7 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
     layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low = settings.window
-    high = max(average, min(4 * average, max(r.cache.lengths[0] for r in refs)), low)
+    high = max(average, min(int(cs.max_ratio * average), max(r.cache.lengths[0] for r in refs)), low)
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
     best = min(uniform, key=uniform.get)
     best_val = validate([best] * n, [average] * n)  # per validation sample: paired comparisons need them
@@ -349,6 +352,8 @@ def parse_args(argv):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--max-length", type=int, default=None, help="prompt tokens (default: as evaluation's, "
                    f"{MAX_LENGTH['longbench']} on LongBench, {MAX_LENGTH['ruler']} on RULER)")
+    p.add_argument("--max-ratio", type=float, default=d.max_ratio, help="a layer's budget is at most this many "
+                   "times the average budget")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")

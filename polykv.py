@@ -184,9 +184,10 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
 
 def calibration_settings(plan: Plan) -> dict | None:
     """The calibration settings a plan records (None for a plan written by hand). Plans calibrated
-    before query-agnostic calibration existed were query-aware, and read so here."""
+    before a setting existed ran with its first value, and are read so here: query-aware, each
+    layer's budget at most 4x the average."""
     recorded = plan.info.get("calibration_settings")
-    return None if recorded is None else {"query": "aware", **recorded}
+    return None if recorded is None else {"query": "aware", "max_ratio": 4.0, **recorded}
 
 
 def is_plan_method(method: str) -> bool:

@@ -265,14 +265,19 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
         m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
-        for path in paths[48].values():  # plans written before the query field existed: query-aware, kept too
-            info = json.loads(path.read_text())
-            del info["calibration_settings"]["query"]
+        for path in paths[48].values():  # plans written before the query and max_ratio fields existed:
+            info = json.loads(path.read_text())  # query-aware, at most 4x the average: kept too
+            del info["calibration_settings"]["query"], info["calibration_settings"]["max_ratio"]
             path.write_text(json.dumps(info))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
     agnostic = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "agnostic", replace(cs, query="agnostic"),
                      P.Settings(), longbench_dir)
     assert K.load_plan(agnostic[48]["polykv"]).info["calibration_settings"]["query"] == "agnostic"
+    capped = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "capped", replace(cs, max_ratio=1.1),
+                   P.Settings(), longbench_dir)  # no layer above 52 = int(1.1 x 48), the total kept
+    budgets = K.load_plan(capped[48]["polykv_allocation"]).budgets
+    assert max(budgets) <= 52 and sum(budgets) == 96
+    assert max(K.load_plan(paths[48]["polykv_allocation"]).budgets) > 52  # the default cap (4x) lets it go further
     refined = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, C.CalibrationSettings(
         n_samples=4, n_validation=2, max_length=200, n_continuation=6, refine=True, max_evals=8), P.Settings(), longbench_dir)
     cal = K.load_plan(refined[48]["polykv"]).info["calibration"]
@@ -332,6 +337,7 @@ def test_calibration_runs_at_the_length_evaluation_uses(longbench_dir, tmp_path,
 def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
     for argv, message in ([["--budgets", "16"], "below the observation window"],
                           [["--n-samples", "0"], "--n-samples must be positive"],
+                          [["--max-ratio", "0.5"], "--max-ratio must be at least 1"],
                           [["--out", "/proc/polykv-plans"], "not writable"]):
         with pytest.raises(ValueError, match=message):
             C.main(argv)

@@ -74,8 +74,8 @@ class CalibrationSettings:
             raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
             raise ValueError(f"order must be 'route-allocate' or 'allocate-route', got {self.order!r}")
-        if self.max_ratio < 1:
-            raise ValueError(f"--max-ratio must be at least 1 (the average budget), got {self.max_ratio}")
+        if not 1 <= self.max_ratio < float("inf"):  # also refuses nan
+            raise ValueError(f"--max-ratio must be a number >= 1 (times the average budget), got {self.max_ratio}")
         if not 0 <= self.min_win_share < 1:
             raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
 

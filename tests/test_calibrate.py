@@ -337,7 +337,9 @@ def test_calibration_runs_at_the_length_evaluation_uses(longbench_dir, tmp_path,
 def test_bad_command_lines_fail_before_any_work(tmp_path, capsys):
     for argv, message in ([["--budgets", "16"], "below the observation window"],
                           [["--n-samples", "0"], "--n-samples must be positive"],
-                          [["--max-ratio", "0.5"], "--max-ratio must be at least 1"],
+                          [["--max-ratio", "0.5"], "--max-ratio must be a number >= 1"],
+                          [["--max-ratio", "nan"], "--max-ratio must be a number >= 1"],
+                          [["--max-ratio", "inf"], "--max-ratio must be a number >= 1"],
                           [["--out", "/proc/polykv-plans"], "not writable"]):
         with pytest.raises(ValueError, match=message):
             C.main(argv)

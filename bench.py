@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (medians; the "
-                   "batching and calibration sections use at most 3)")
+                   "batching and calibration sections use at most 3, the 8k prefills 1)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode (it compiles for ~1-2 min)")

@@ -223,7 +223,7 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
     layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low = settings.window
-    high = max(average, min(int(cs.max_ratio * average), max(r.cache.lengths[0] for r in refs)), low)
+    high = max(average, int(min(cs.max_ratio * average, max(r.cache.lengths[0] for r in refs))), low)
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
     best = min(uniform, key=uniform.get)
     best_val = validate([best] * n, [average] * n)  # per validation sample: paired comparisons need them

@@ -278,6 +278,9 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     budgets = K.load_plan(capped[48]["polykv_allocation"]).budgets
     assert max(budgets) <= 52 and sum(budgets) == 96
     assert max(K.load_plan(paths[48]["polykv_allocation"]).budgets) > 52  # the default cap (4x) lets it go further
+    huge = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "huge", replace(cs, max_ratio=1e308),
+                 P.Settings(), longbench_dir)  # 1e308 x 48 overflows to inf: the prompts' length bounds it
+    assert max(K.load_plan(huge[48]["polykv_allocation"]).budgets) <= 200
     refined = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, C.CalibrationSettings(
         n_samples=4, n_validation=2, max_length=200, n_continuation=6, refine=True, max_evals=8), P.Settings(), longbench_dir)
     cal = K.load_plan(refined[48]["polykv"]).info["calibration"]

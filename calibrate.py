@@ -222,8 +222,8 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
     validate = lambda p, b: [round(kl, 6) for kl in sample_kls(model, val_refs, K.Plan(p, b, settings=settings))]  # noqa: E731
     layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
-    low = settings.window
-    high = max(average, int(min(cs.max_ratio * average, max(r.cache.lengths[0] for r in refs))), low)
+    low, longest = settings.window, max(r.cache.lengths[0] for r in refs)
+    high = max(average, int(min(cs.max_ratio * average, longest)), low)  # min first: a huge ratio is not int()ed
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
     best = min(uniform, key=uniform.get)
     best_val = validate([best] * n, [average] * n)  # per validation sample: paired comparisons need them

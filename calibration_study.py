@@ -272,20 +272,22 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=C.CalibrationSettings().max_length)
     p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
+    p.add_argument("--max-ratio", type=float, default=C.CalibrationSettings().max_ratio,
+                   help="a layer's budget is at most this many times the average budget")
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
     p.add_argument("--validate-only", action="store_true",
                    help="only score the plans made so far (e.g. beside a run still making them), then the tables")
     args = p.parse_args(argv)
     if args.out is None and not args.head_routing:
         p.error("--out is required: the study folder (plans.jsonl, validation.jsonl, study.md)")
+    cs = C.CalibrationSettings(n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
+                               n_continuation=args.n_continuation, max_ratio=args.max_ratio)  # checks them: before the model
     model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
     model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     if args.head_routing:
         refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / CK.model_name(model_dir), args.budgets, data_dir)
         return
-    cs = C.CalibrationSettings(n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
-                               n_continuation=args.n_continuation)
     validation, draws, held_out = sample_sets(data_dir, sorted(args.sizes), args.n_validation, args.family,
                                               args.n_family, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

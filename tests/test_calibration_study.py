@@ -1,9 +1,13 @@
 """calibration_study.py's tables from constructed rows: exact means over the right samples, the
 leave-one-family-out share, and the plot only where there is a curve."""
+import sys
+
 import pytest
 
+import calibrate as C
 import calibration_study as S
 import checkpoint as CK
+import longbench as LB
 
 
 def row(key: str, plans: list[str]) -> dict:
@@ -41,3 +45,22 @@ def test_a_study_without_its_folder_fails_before_the_model_loads(monkeypatch, ca
     with pytest.raises(SystemExit):
         S.main(["--data-dir", "somewhere"])
     assert "--out is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-ratio", "0.5"], "--max-ratio must be a number >= 1"),
+                                            (["--n-validation", "-1"], "--n-validation must be positive")])
+def test_bad_calibration_settings_fail_before_the_model_loads(monkeypatch, tmp_path, flags, message):
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=message):
+        S.main(["--data-dir", "somewhere", "--out", str(tmp_path)] + flags)
+
+
+def test_the_study_calibrates_with_its_max_ratio(monkeypatch, tmp_path):
+    made, real = [], C.CalibrationSettings
+    monkeypatch.setattr(C, "CalibrationSettings", lambda **kw: made.append(real(**kw)) or made[-1])
+    monkeypatch.setattr(CK, "resolve_model_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model") if not made else sys.exit("stop"))
+    with pytest.raises(SystemExit, match="stop"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "8"])
+    assert made[-1].max_ratio == 8.0  # the settings the study calibrates with (the others are argparse defaults)

@@ -326,7 +326,7 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, se
     if not all(p.is_file() for p in paths.values()):
         return None
     plans = [K.load_plan(p) for p in paths.values()]
-    recorded = [{**p.info, "calibration_settings": K.calibration_settings(p)} for p in plans]
+    recorded = [{**p.info, "calibration_settings": K.calibration_settings(p.info)} for p in plans]
     same = all(p.model == model_name and p.settings == settings and all(r.get(k) == v for k, v in record.items())
                for p, r in zip(plans, recorded))
     return paths if same else None

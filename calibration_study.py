@@ -256,6 +256,19 @@ def plot_curves(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def check_same_study(path: Path, study: dict) -> None:
+    """A study folder resumes one study: its rows are keyed by budget, draw and arm only, so a rerun
+    with another model, data or calibration setting would mix two studies' rows in one table."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    old = {"model": old.get("model"), "data": old.get("data"), **(K.calibration_settings(old) or {})}
+    new = {"model": study["model"], "data": study["data"], **study["calibration_settings"]}
+    if changed := [f"{k} {old[k]} (now {v})" for k, v in new.items() if k in old and old[k] != v]:
+        raise ValueError(f"{path}: this study ran with {', '.join(changed)}; resume it with the same settings "
+                         "or give another --out")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -273,26 +286,29 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=C.CalibrationSettings().max_length)
     p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
     p.add_argument("--max-ratio", type=float, default=C.CalibrationSettings().max_ratio,
-                   help="a layer's budget is at most this many times the average budget")
+                   help="a layer's budget is at most this many times the average budget (--head-routing: the plans' own)")
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
     p.add_argument("--validate-only", action="store_true",
                    help="only score the plans made so far (e.g. beside a run still making them), then the tables")
     args = p.parse_args(argv)
     if args.out is None and not args.head_routing:
         p.error("--out is required: the study folder (plans.jsonl, validation.jsonl, study.md)")
-    cs = C.CalibrationSettings(n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
-                               n_continuation=args.n_continuation, max_ratio=args.max_ratio)  # checks them: before the model
+    cs = None if args.head_routing else C.CalibrationSettings(  # checks them, first (head routing: the plans' own)
+        n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
+        n_continuation=args.n_continuation, max_ratio=args.max_ratio)
     model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
-    model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     if args.head_routing:
+        model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
         refine_heads(model, tokenizer, model_dir, args.out or K.PLANS_DIR / CK.model_name(model_dir), args.budgets, data_dir)
         return
+    study = {"model": CK.model_name(model_dir), "data": LB.data_id(data_dir), "calibration_settings": cs.__dict__}
+    check_same_study(args.out / "study.json", study)  # before the model loads
+    model, tokenizer = CK.load_model(model_dir), CK.load_tokenizer(model_dir)
     validation, draws, held_out = sample_sets(data_dir, sorted(args.sizes), args.n_validation, args.family,
                                               args.n_family, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"model": CK.model_name(model_dir), "data": LB.data_id(data_dir),
-                                                     "calibration_settings": cs.__dict__, "argv": sys.argv[1:]}, indent=1))
+    (args.out / "study.json").write_text(json.dumps({**study, "argv": sys.argv[1:]}, indent=1))
     rows = read_rows(args.out / "plans.jsonl")
     needed = {s["_id"]: s for samples in draws.values() for s in samples}
     extra_sizes = set(args.extra_sizes)

@@ -182,11 +182,11 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
     return plan
 
 
-def calibration_settings(plan: Plan) -> dict | None:
-    """The calibration settings a plan records (None for a plan written by hand). Plans calibrated
-    before a setting existed ran with its first value, and are read so here: query-aware, each
-    layer's budget at most 4x the average."""
-    recorded = plan.info.get("calibration_settings")
+def calibration_settings(info: dict) -> dict | None:
+    """The calibration settings a plan's (or a study's) record holds (None for a plan written by hand).
+    Calibrations run before a setting existed ran with its first value, and are read so here:
+    query-aware, each layer's budget at most 4x the average."""
+    recorded = info.get("calibration_settings")
     return None if recorded is None else {"query": "aware", "max_ratio": 4.0, **recorded}
 
 

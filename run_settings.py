@@ -165,7 +165,7 @@ def choose_plans(s: RunSettings, model_dir: Path, cfg: M.Config) -> tuple[dict, 
         raise ValueError(f"no {', '.join(f'{m} plan for budget {b}' for m, b in missing)} (plans found: {have}). "
                          f"Make them with: {command}, or pass --plan FILE")
     for m, b in wanted:  # allowed (a transfer between modes is an experiment), but never silently
-        mode = (K.calibration_settings(every[m, b]) or {}).get("query", s.query)
+        mode = (K.calibration_settings(every[m, b].info) or {}).get("query", s.query)
         if mode != s.query:
             print(f"note: the {m} plan for budget {b} was calibrated query-{mode}; this run compresses query-{s.query}")
     return {k: every[k] for k in wanted}, excluded, every

@@ -1,5 +1,7 @@
 """calibration_study.py's tables from constructed rows: exact means over the right samples, the
-leave-one-family-out share, and the plot only where there is a curve."""
+leave-one-family-out share, and the plot only where there is a curve; its settings checked before
+the model loads, and a study folder resumed only with the settings it was made with."""
+import json
 import sys
 
 import pytest
@@ -47,20 +49,40 @@ def test_a_study_without_its_folder_fails_before_the_model_loads(monkeypatch, ca
     assert "--out is required" in capsys.readouterr().err
 
 
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """main() up to the model: resolving the model and data is stubbed, loading the model stops the run."""
+    monkeypatch.setattr(CK, "resolve_model_dir", lambda name: tmp_path / (name or "SmolLM2-135M-Instruct"))
+    monkeypatch.setattr(LB, "find_data_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(CK, "load_model", lambda *a, **k: sys.exit("loaded the model"))
+
+
 @pytest.mark.parametrize("flags, message", [(["--max-ratio", "0.5"], "--max-ratio must be a number >= 1"),
                                             (["--n-validation", "-1"], "--n-validation must be positive")])
-def test_bad_calibration_settings_fail_before_the_model_loads(monkeypatch, tmp_path, flags, message):
-    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+def test_bad_calibration_settings_fail_before_the_model_loads(no_model, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
-        S.main(["--data-dir", "somewhere", "--out", str(tmp_path)] + flags)
+        S.main(["--data-dir", "x", "--out", str(tmp_path)] + flags)
 
 
-def test_the_study_calibrates_with_its_max_ratio(monkeypatch, tmp_path):
-    made, real = [], C.CalibrationSettings
-    monkeypatch.setattr(C, "CalibrationSettings", lambda **kw: made.append(real(**kw)) or made[-1])
-    monkeypatch.setattr(CK, "resolve_model_dir", lambda *a: tmp_path)
-    monkeypatch.setattr(LB, "find_data_dir", lambda *a: tmp_path)
-    monkeypatch.setattr(CK, "load_model", lambda *a, **k: pytest.fail("loaded the model") if not made else sys.exit("stop"))
-    with pytest.raises(SystemExit, match="stop"):
+def test_the_study_calibrates_with_its_max_ratio(no_model, monkeypatch, tmp_path):
+    given, real = [], C.CalibrationSettings
+    monkeypatch.setattr(C, "CalibrationSettings", lambda **kw: given.append(kw) or real(**kw))
+    with pytest.raises(SystemExit, match="loaded the model"):
         S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "8"])
-    assert made[-1].max_ratio == 8.0  # the settings the study calibrates with (the others are argparse defaults)
+    assert [kw["max_ratio"] for kw in given if kw] == [8.0]  # the others are argparse's defaults
+
+
+def test_a_study_resumes_only_with_its_own_settings(no_model, tmp_path):
+    with pytest.raises(SystemExit, match="loaded the model"):  # a new folder: nothing to compare with
+        S.main(["--data-dir", "x", "--out", str(tmp_path)])
+    recorded = {"model": "SmolLM2-135M-Instruct", "data": LB.data_id(tmp_path),
+                "calibration_settings": {**C.CalibrationSettings().__dict__}}
+    del recorded["calibration_settings"]["max_ratio"]  # a study from before the cap was a setting: 4x
+    (tmp_path / "study.json").write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit, match="loaded the model"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "4"])
+    with pytest.raises(ValueError, match="ran with max_ratio 4.0 \\(now 8.0\\)"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "8"])
+    with pytest.raises(ValueError, match="ran with model SmolLM2-135M-Instruct \\(now other\\)"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path), "--model", "other"])

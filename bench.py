@@ -23,7 +23,7 @@ PolyKV compression buys at decode time and costs at prefill time.
    tokens, each in a fresh process (it should grow ~linearly in T, not as T^2); the
    peak RSS of a small evaluation run (longbench_eval.py on one RULER sample).
 6. calibration: the objective on the candidate plans a search sweep makes, re-running
-   every layer vs starting at the first changed layer (calibrate.plan_sample_kl).
+   every layer vs starting at the first changed layer (objective.plan_sample_kl).
 
 The machine may be shared and noisy: every comparison interleaves its variants
 within each repetition and reports medians. Prompts are random token ids (speed
@@ -294,13 +294,13 @@ def bench_kv_bytes(model: M.Transformer, cache: M.KVCache, stats: list[P.LayerSt
 
 def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: str) -> dict[str, float]:
     """The calibration objective on candidate plans as the search makes them (each changes one or two
-    layers of the current plan): every layer re-run (K.continuation_kl) vs calibrate.plan_sample_kl,
+    layers of the current plan): every layer re-run (K.continuation_kl) vs objective.plan_sample_kl,
     which starts at the first changed layer."""
-    import calibrate as C
+    import objective as O
     import random
 
     cfg, n = model.cfg, model.cfg.n_layers
-    ref = C.build_reference(model, random_prompt(sizes["calib_ctx"], cfg.vocab_size, device, seed=4)[0].tolist(),
+    ref = O.build_reference(model, random_prompt(sizes["calib_ctx"], cfg.vocab_size, device, seed=4)[0].tolist(),
                             "bench", 32, (), P.Settings().window)
     rng = random.Random(0)
     best_p, best_b = ["snapkv"] * n, [sizes["budget"]] * n
@@ -321,9 +321,9 @@ def bench_calibration(model: M.Transformer, sizes: dict, repeats: int, device: s
     def reuse() -> float:
         ref.recent.clear()
         t0 = time.perf_counter()
-        C.plan_sample_kl(model, ref, K.Plan(best_p, best_b))  # the current plan, evaluated before its candidates
+        O.plan_sample_kl(model, ref, K.Plan(best_p, best_b))  # the current plan, evaluated before its candidates
         for plan in candidates:
-            C.plan_sample_kl(model, ref, plan)
+            O.plan_sample_kl(model, ref, plan)
         return time.perf_counter() - t0
 
     med = interleaved({"plain": plain, "reuse": reuse}, min(repeats, 3))

@@ -5,10 +5,10 @@ both into a static plan per budget.
 
     python calibrate.py --budgets 128 256 512 1024 --data-dir DIR [--model DIR] [--n-samples 32] [--refine]
 
-1. References. Each calibration prompt is prefilled once; FullKV's greedy continuation and its
+1. References (objective.py). Each calibration prompt is prefilled once; FullKV's greedy continuation and its
    next-token distributions over it are the target. --query agnostic prefills only the context
    (compressed before the question is seen) and scores the answer read through it.
-2. The signal. The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
+2. The signal (objective.py). The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
    A *single-layer* KL compresses one layer only (every other layer keeps everything); its pass
    starts at that layer, from FullKV's hidden state there.
 3. Allocation (polykv.allocate): each layer's cache sensitivity is its single-layer KL at a
@@ -17,7 +17,10 @@ both into a static plan per budget.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
 5. Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
-6. Validation. Held-out samples score every plan next to the best uniform policy.
+6. Span (--spans, optional): every policy's scores max-pooled over a few neighbours before
+   selection (policies.pool_span); the span with PolyKV's lowest in-sample KL is kept for the
+   budget's plans. Run on a folder of finished plans, only this step runs.
+7. Validation. Held-out samples score every plan next to the best uniform policy.
 Calibration samples are never evaluation samples: they come from longbench.calibration_pool
 (or RULER seeds of their own), and every id used is written into the plan, which the
 evaluation excludes.
@@ -27,16 +30,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import longbench as LB
 import checkpoint as CK
-import model as M
+import objective as O
 import polykv as K
 import policies as P
 import report
@@ -63,6 +64,7 @@ class CalibrationSettings:
     min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
     seed: int = 0  # which samples are drawn
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
+    spans: list[int] = field(default_factory=lambda: [1])  # candidate policies.Settings.span values (a list, as JSON reads it)
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -78,102 +80,8 @@ class CalibrationSettings:
             raise ValueError(f"--max-ratio must be a number >= 1 (times the average budget), got {self.max_ratio}")
         if not 0 <= self.min_win_share < 1:
             raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
-
-
-# -----------------------------------------------------------------------------
-# References: one calibration prompt, prefilled once
-
-
-@dataclass
-class Reference:
-    sample_id: str
-    cache: M.KVCache  # the full prefill, never modified (its spare room takes teacher-forced tokens)
-    stats: list[P.LayerStats]
-    continuation: torch.Tensor  # (N,) teacher-forced on top of the cache: [the question,] FullKV's greedy answer
-    full_logprobs: torch.Tensor  # (S, V) FullKV's log-probs at the scored positions of continuation[:-1]
-    trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
-    prefill_seconds: float
-    scored_from: int  # the first scored position: where the answer's tokens are predicted
-    memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
-    recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
-
-
-def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int,
-                    n_context: int | None = None) -> Reference:
-    """FullKV's side of the objective on one prompt. Query-aware (n_context None) the whole prompt is
-    prefilled, to be compressed; FullKV's greedy answer is teacher-forced on top and scored from its
-    second token (the first comes from the prefill, which compression does not change).
-    Query-agnostic (n_context: how many ids are context) only the context is prefilled, to be
-    compressed before the question is seen, as in evaluation; the question and the answer are
-    teacher-forced on top, and every answer token is scored."""
-    cut = n_context if n_context is not None and n_context < len(ids) else len(ids)
-    tokens = torch.tensor([ids[:cut]], device=model.embed_tokens.weight.device)
-    t0 = time.perf_counter()
-    logits, cache, stats = K.prefill_with_stats(model, tokens, window)
-    seconds = time.perf_counter() - t0
-    cache, question = cache.clone(), tokens.new_tensor(ids[cut:])  # compact, with room for what follows
-    full = cache.share()
-    if len(question):
-        logits = M.forward(model, question[None], full, last_only=True)
-    answer = tokens.new_tensor(M.generate(model, full, logits, n_continuation, stop_ids))
-    continuation, trunk, scored_from = torch.cat([question, answer]), [], max(len(question) - 1, 0)
-    logits = M.forward(model, continuation[None, :-1], cache.share(), layer_inputs=trunk)[0]  # (N-1, V)
-    return Reference(sample_id, cache, stats, continuation, F.log_softmax(logits[scored_from:], -1), trunk, seconds,
-                     scored_from)
-
-
-def scored_kl(ref: Reference, logits: torch.Tensor) -> float:
-    """The objective on one reference: mean KL(FullKV || compressed) over its scored positions, from
-    the compressed pass's logits (N-1, V) over continuation[:-1]."""
-    return K.mean_kl(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1)).item()
-
-
-def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:
-    """KL when only `layer` is compressed (to `budget` with `policy`): the per-layer signal. The
-    pass starts at that layer from FullKV's input there; every other layer reads the full prefill."""
-    key = ("kl", layer, policy, budget, settings)
-    if key not in ref.memo:
-        if ref.cache.lengths[layer] <= budget or len(ref.full_logprobs) == 0:
-            ref.memo[key] = 0.0  # nothing to evict, or nothing to compare
-        else:
-            cache = ref.cache.share()  # no copy: appended tokens go past the prefill's
-            cache.set_layer(layer, *K.compress_layer(ref.cache, ref.stats[layer], policy, budget, settings, ref.memo),
-                            room=len(ref.continuation))
-            logits = M.forward(model, ref.continuation[None, :-1], cache, start=layer, x=ref.trunk[layer])[0]
-            ref.memo[key] = scored_kl(ref, logits)
-    return ref.memo[key]
-
-
-N_RECENT = 4  # plans whose layer inputs each reference remembers
-
-
-def plan_sample_kl(model, ref: Reference, plan: K.Plan) -> float:
-    """The joint objective on one reference: KL with every layer compressed by the plan.
-
-    A search changes one or two layers at a time; below the first changed layer the pass sees
-    the same inputs and caches as a plan it came from, so it starts from that plan's remembered
-    input there. Same result as the plain pass (tested), at a fraction of the cost."""
-    if len(ref.full_logprobs) == 0:
-        return 0.0
-    layers = list(zip(plan.policies, plan.budgets))
-    shared = lambda key: next((l for l, (a, b) in enumerate(zip(key[1:], layers)) if a != b), len(layers))  # noqa: E731
-    base = max((key for key in ref.recent if key[0] == plan.settings), key=shared, default=None)
-    start, x, inputs = 0, None, []
-    if base is not None:
-        start = min(shared(base), len(layers) - 1)  # an identical plan still runs its top layer
-        ref.recent[base] = ref.recent.pop(base)  # now the most recently used
-        x, inputs = ref.recent[base][start], ref.recent[base][:start]  # x: the input to layer `start`
-    cache = K.apply_plan(ref.cache, ref.stats, plan, len(ref.continuation), ref.memo)
-    logits = M.forward(model, ref.continuation[None, :-1], cache, start=start, x=x, layer_inputs=inputs)[0]
-    ref.recent[(plan.settings, *layers)] = inputs  # inputs[l]: the input (1, N-1, dim) to layer l under this plan
-    while len(ref.recent) > N_RECENT:
-        ref.recent.pop(next(iter(ref.recent)))  # the least recently used
-    return scored_kl(ref, logits)
-
-
-def sample_kls(model, refs: list[Reference], plan: K.Plan) -> list[float]:
-    """The joint objective of a plan on each reference (the search's input; averaged, a validation KL)."""
-    return [plan_sample_kl(model, r, plan) for r in refs]
+        if not self.spans or any(s < 1 or s % 2 == 0 for s in self.spans):
+            raise ValueError(f"--spans must be positive odd numbers, got {self.spans}")
 
 
 # -----------------------------------------------------------------------------
@@ -214,21 +122,18 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
 # One budget: the paper's plans, optionally refined, and their validation
 
 
-def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], average: int,
-                     cs: CalibrationSettings, settings: P.Settings) -> dict[str, dict]:
-    """{plan name: {policies, budgets, signals, calibration record}} for one target average budget."""
+def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference], average: int,
+                     cs: CalibrationSettings, settings: P.Settings) -> tuple[dict[str, dict], P.Settings]:
+    """({plan name: {policies, budgets, calibration record}}, their settings) for one target average budget."""
     n = model.cfg.n_layers
-    objective = lambda p, b: sample_kls(model, refs, K.Plan(p, b, settings=settings))  # noqa: E731
-    validate = lambda p, b: [round(kl, 6) for kl in sample_kls(model, val_refs, K.Plan(p, b, settings=settings))]  # noqa: E731
-    layer_kl = lambda l, p, b: mean(single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
+    objective = lambda p, b: O.sample_kls(model, refs, K.Plan(p, b, settings=settings))  # noqa: E731
+    layer_kl = lambda l, p, b: mean(O.single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low, longest = settings.window, max(r.cache.lengths[0] for r in refs)
     high = max(average, int(min(cs.max_ratio * average, longest)), low)  # min first: a huge ratio is not int()ed
     uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
     best = min(uniform, key=uniform.get)
-    best_val = validate([best] * n, [average] * n)  # per validation sample: paired comparisons need them
-    table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best],
-             "best_uniform_validation_kl": mean(best_val), "best_uniform_validation_kls": best_val, "order": cs.order}
+    table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best], "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
     out = {}
     for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high,
@@ -242,14 +147,37 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
                      "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
             policies, budgets, _, record["search_trace"] = search(objective, policies, budgets, order, moves,
                                                                   cs.max_evals, min_win_share=cs.min_win_share)
-        record["in_sample_kl"] = mean(objective(policies, budgets))
-        record["validation_kls"] = validate(policies, budgets)
-        record["validation_kl"] = mean(record["validation_kls"])
         out[name] = {"policies": policies, "budgets": budgets, "calibration": record}
+    return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
+
+
+def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,
+                settings: P.Settings, spans: list[int]) -> tuple[dict[str, dict], P.Settings]:
+    """The last step: every plan of the budget (and the best uniform policy) scored at each span;
+    all take the span with PolyKV's lowest in-sample KL (one run shares one set of policy settings).
+    Chosen on the calibration samples, so the validation KLs, written at that span, stay held out.
+    Returns the plans with their records at the chosen span, and the settings to save them with."""
+    n, best = model.cfg.n_layers, plans["polykv"]["calibration"]["best_uniform"]
+    arms = {"uniform": ([best] * n, [average] * n), **{k: (p["policies"], p["budgets"]) for k, p in plans.items()}}
+    kls = lambda refs, arm, span: O.sample_kls(model, refs, K.Plan(*arms[arm], settings=replace(settings, span=span)))  # noqa: E731
+    in_sample = {s: {a: mean(kls(refs, a, s)) for a in arms} for s in spans}
+    chosen = min(spans, key=lambda s: in_sample[s]["polykv"])  # ties: the first listed
+    val = {a: [round(kl, 6) for kl in kls(val_refs, a, chosen)] for a in arms}
+    if len(spans) > 1:
+        print(f"[{average}] span: PolyKV in-sample KL " + ", ".join(f"{s}={in_sample[s]['polykv']:.4f}" for s in spans)
+              + f" -> span {chosen}")
+    for name, p in plans.items():
+        record = p["calibration"]
+        record.update(span=chosen, in_sample_kl=in_sample[chosen][name], validation_kls=val[name],
+                      validation_kl=mean(val[name]), best_uniform_validation_kls=val["uniform"],
+                      best_uniform_validation_kl=mean(val["uniform"]))
+        if len(spans) > 1:
+            record["span_in_sample_kl"] = {str(s): in_sample[s][name] for s in spans}
+            record["span_uniform_in_sample_kl"] = {str(s): in_sample[s]["uniform"] for s in spans}
         scored = (f", validation KL {record['validation_kl']:.4f} (best uniform {best}: "
-                  f"{table['best_uniform_validation_kl']:.4f})" if val_refs else "")  # none: validated elsewhere
+                  f"{record['best_uniform_validation_kl']:.4f})" if val_refs else "")  # none: validated elsewhere
         print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}{scored}")
-    return out
+    return plans, replace(settings, span=chosen)
 
 
 # -----------------------------------------------------------------------------
@@ -257,14 +185,14 @@ def calibrate_budget(model, refs: list[Reference], val_refs: list[Reference], av
 
 
 def build_references(model, tokenizer, model_dir, samples: list[dict], cs: CalibrationSettings,
-                     settings: P.Settings, desc: str, bench=LB) -> list[Reference]:
-    """One Reference per sample; bench: the samples' benchmark module (longbench or ruler), whose
+                     settings: P.Settings, desc: str, bench=LB) -> list[O.Reference]:
+    """One objective.Reference per sample; bench: the samples' benchmark module (longbench or ruler), whose
     prompt_ids builds their prompts."""
     stop_ids = CK.stop_token_ids(model_dir, tokenizer)
     refs = []
     for s in tqdm(samples, desc=desc):
         ids, n_context = bench.prompt_ids(tokenizer, s, cs.max_length)
-        refs.append(build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window,
+        refs.append(O.build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window,
                                     n_context if cs.query == "agnostic" else None))
     return refs
 
@@ -289,12 +217,15 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
         settings: P.Settings = P.Settings(), data_dir: Path | None = None,
         tasks: tuple[str, ...] = ()) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
-    (out_dir/budget<B>/<name>.json); a budget already written with the same settings is kept."""
+    (out_dir/budget<B>/<name>.json). A budget already written with the same settings is kept; one
+    written with the same settings but other --spans gets only the span step."""
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data, **({"tasks": list(tasks)} if tasks else {}),
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
     model_name = CK.model_name(model_dir)  # a Hugging Face cache snapshot is named by its repository, not its commit
-    paths = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
+    finished = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
+    paths = {b: {n: K.plan_path(out_dir, b, n) for n in done} for b, done in finished.items()
+             if all(p.info["calibration_settings"]["spans"] == cs.spans for p in done.values())}
     if paths:
         print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
     if not [b for b in budgets if b not in paths]:
@@ -304,10 +235,16 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references", bench)
     val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references", bench)
     for average in [b for b in budgets if b not in paths]:
-        plans = calibrate_budget(model, refs, val_refs, average, cs, settings)
+        if average in finished:  # the plans are made: only the span step
+            print(f"[{average}] plans made with these settings in {out_dir}: the span step only")
+            plans, chosen = choose_span(model, refs, val_refs, {n: {"policies": p.policies, "budgets": p.budgets,
+                                        "calibration": p.info["calibration"]} for n, p in finished[average].items()},
+                                        average, settings, cs.spans)
+        else:
+            plans, chosen = calibrate_budget(model, refs, val_refs, average, cs, settings)
         paths[average] = {}
         for name, p in plans.items():
-            plan = K.Plan(p["policies"], p["budgets"], name, model_name, settings,
+            plan = K.Plan(p["policies"], p["budgets"], name, model_name, chosen,
                           {"target_budget": average, **record, "calibration": p["calibration"]})
             paths[average][name] = K.plan_path(out_dir, average, name)
             K.save_plan(plan, paths[average][name])
@@ -319,17 +256,23 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     return paths
 
 
-def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict, settings: P.Settings):
-    """The plan paths of an earlier run with the same model, samples and settings, else None:
-    an interrupted multi-budget run resumes at the first budget it had not written."""
+def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
+                   settings: P.Settings) -> dict[str, K.Plan] | None:
+    """The plans of an earlier run with the same model, samples and settings, else None: an
+    interrupted multi-budget run resumes at the first budget it had not written. Their span and
+    --spans may differ (the caller redoes the span step); their calibration_settings read as current."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
-    plans = [K.load_plan(p) for p in paths.values()]
-    recorded = [{**p.info, "calibration_settings": K.calibration_settings(p.info)} for p in plans]
-    same = all(p.model == model_name and p.settings == settings and all(r.get(k) == v for k, v in record.items())
-               for p, r in zip(plans, recorded))
-    return paths if same else None
+    plans = {n: K.load_plan(p) for n, p in paths.items()}
+    for p in plans.values():
+        p.info["calibration_settings"] = K.calibration_settings(p.info)
+    if any(p.info["calibration_settings"] is None for p in plans.values()):  # written by hand
+        return None
+    spans_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"], "spans": None}}  # noqa: E731
+    same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
+               and all(spans_aside(p.info).get(k) == v for k, v in spans_aside(record).items()) for p in plans.values())
+    return plans if same else None
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -354,6 +297,9 @@ def parse_args(argv):
                    f"{MAX_LENGTH['longbench']} on LongBench, {MAX_LENGTH['ruler']} on RULER)")
     p.add_argument("--max-ratio", type=float, default=d.max_ratio, help="a layer's budget is at most this many "
                    "times the average budget")
+    p.add_argument("--spans", type=int, nargs="+", default=d.spans, help="candidate spans: every policy's scores "
+                   "max-pooled over this many neighbours before selection; the calibration keeps the one with "
+                   "PolyKV's lowest in-sample KL (default: 1, no pooling); on finished plans only this step runs")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")

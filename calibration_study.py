@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import calibrate as C
+import objective as O
 import search as S
 import longbench as LB
 import checkpoint as CK
@@ -100,7 +101,7 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 t0 = time.perf_counter()
                 # the search starts from the routing-first plan, as it did for the first rows
                 arm_cs = replace(cs, refine=True, order="route-allocate") if arm == "refined" else replace(cs, order=arm)
-                plans = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)
+                plans, _ = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)
                 table = next(iter(plans.values()))["calibration"]
                 plans["uniform"] = {"policies": [table["best_uniform"]] * n, "budgets": [budget] * n,
                                     "calibration": {"in_sample_kl": table["best_uniform_in_sample_kl"]}}
@@ -134,7 +135,7 @@ def validate(model, val_refs: list, rows: dict, done: dict, out: Path) -> None:
             if key in done:
                 continue
             plan = K.Plan(p["policies"], p["budgets"], settings=settings)
-            kls = {r.sample_id: C.plan_sample_kl(model, r, plan) for r in val_refs
+            kls = {r.sample_id: O.plan_sample_kl(model, r, plan) for r in val_refs
                    if r.sample_id not in set(row.get("calibration_ids", []))}
             done[key] = {"key": key, "kls": kls}
             append_row(out / "validation.jsonl", done[key])
@@ -157,14 +158,14 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     bench = LB if data_dir is not None else C.R
     refs = C.build_references(model, tokenizer, model_dir, calibration, cs, first.settings, "calibration references", bench)
     val_refs = C.build_references(model, tokenizer, model_dir, validation, cs, first.settings, "validation references", bench)
-    objective = lambda p, b: C.sample_kls(model, refs, K.Plan(p, b, settings=first.settings))  # noqa: E731
+    objective = lambda p, b: O.sample_kls(model, refs, K.Plan(p, b, settings=first.settings))  # noqa: E731
     for b, parent in parents.items():
         cal = parent.info["calibration"]
         sens = cal["signals"]["sensitivity"] or [0.0] * len(parent.budgets)
         order = sorted(range(len(parent.policies)), key=lambda l: -sens[l])
         pol, bud, kl, trace = S.search(objective, parent.policies, parent.budgets, order,
                                      S.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
-        val_kl = C.mean(C.sample_kls(model, val_refs, K.Plan(pol, bud, settings=first.settings)))
+        val_kl = C.mean(O.sample_kls(model, val_refs, K.Plan(pol, bud, settings=first.settings)))
         info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
                                                "refined_from": {k: cal[k] for k in ("in_sample_kl", "validation_kl")}}}
         paths[b] = K.plan_path(plan_dir, b, K.POLYKV_HEADS)

@@ -34,6 +34,7 @@ class Settings:
     agg: str = "mean"  # how a KV head aggregates its query heads' scores (H2O, SnapKV): "mean" or "max"
     tova_agg: str = "all"  # TOVA: over all query heads (as published), or "mean"/"max" within each KV head's group
     seed: int = 0  # Random: base seed (layer l uses seed + l)
+    span: int = 1  # every policy: scores max-pooled over this many neighbours before selection (odd; 1 = off)
 
     def __post_init__(self):
         """Bad values are errors naming the field, before any work (plans carry settings)."""
@@ -43,8 +44,9 @@ class Settings:
                 raise ValueError(f"settings.{f.name} must be an integer, got {getattr(self, f.name)!r}")
         if self.window < 1:
             raise ValueError(f"settings.window must be at least 1 (the last prompt query), got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"settings.kernel must be a positive odd number, got {self.kernel}")
+        for name in ("kernel", "span"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ValueError(f"settings.{name} must be a positive odd number, got {getattr(self, name)}")
         if self.sinks < 0:
             raise ValueError(f"settings.sinks must be >= 0, got {self.sinks}")
         for name, allowed in (("pooling", ("max", "avg")), ("agg", ("mean", "max")), ("tova_agg", AGGREGATIONS)):
@@ -193,6 +195,20 @@ SCORERS = {
 
 
 # ------------------------------------------------------------------------------- selection
+
+def pool_span(scores: torch.Tensor, span: int, window: int) -> torch.Tensor:
+    """scores (B, n_kv, T) -> (B, n_kv, T): each prefix token scores as high as its best neighbour
+    within span // 2 on either side, so a token worth keeping brings its neighbours along. Retrieval
+    answers are spans (a UUID is 30-36 tokens to the shipped tokenizers): keeping its head but not its tail loses the answer.
+    SnapKV pools its own scores the same way; this does it for any policy. The window is kept
+    anyway and, as in SnapKV, not pooled. span 1 leaves the scores as they are."""
+    T = scores.shape[-1]
+    n = T - min(window, T)  # prefix tokens
+    if span == 1 or n == 0:
+        return scores
+    prefix = F.max_pool1d(scores[..., :n], span, stride=1, padding=span // 2)  # (B, n_kv, n)
+    return torch.cat([prefix, scores[..., n:]], dim=-1)
+
 
 def select_indices(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
     """Tokens to keep per KV head: scores (B, n_kv, T) -> int64 indices (B, n_kv, k),

@@ -185,9 +185,9 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
 def calibration_settings(info: dict) -> dict | None:
     """The calibration settings a plan's (or a study's) record holds (None for a plan written by hand).
     Calibrations run before a setting existed ran with its first value, and are read so here:
-    query-aware, each layer's budget at most 4x the average."""
+    query-aware, each layer's budget at most 4x the average, no span step."""
     recorded = info.get("calibration_settings")
-    return None if recorded is None else {"query": "aware", "max_ratio": 4.0, **recorded}
+    return None if recorded is None else {"query": "aware", "max_ratio": 4.0, "spans": [1], **recorded}
 
 
 def is_plan_method(method: str) -> bool:
@@ -264,7 +264,7 @@ def compress_layer(cache: M.KVCache, stats: P.LayerStats, policy: str, budget: i
     k, v = cache.keys(stats.layer), cache.values(stats.layer)  # (B, n_kv, T, hd)
     if k.shape[2] <= budget:
         return k, v
-    scores = layer_scores(k, stats, policy, settings, memo)  # (B, n_kv, T)
+    scores = P.pool_span(layer_scores(k, stats, policy, settings, memo), settings.span, settings.window)  # (B, n_kv, T)
     return P.gather_kv(k, v, P.select_indices(scores, budget, settings.window))
 
 

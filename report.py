@@ -343,6 +343,9 @@ def markdown(metrics: dict) -> str:
              "exact / prefix: agreement of the generated tokens with FullKV's (exact match; common prefix share); "
              f"tf agree / tf KL: fed FullKV's output (first {metrics['tf_tokens']} tokens), share of next tokens predicted as "
              "FullKV does / mean KL(FullKV || method)."]
+    if metrics.get("settings", {}).get("span", 1) > 1:  # a plan chose it: every method of the run keeps spans
+        lines[0] += (f" Every policy's scores are max-pooled over {metrics['settings']['span']} neighbouring tokens "
+                     "before selection (span), baselines included.")
     budgets = sorted({int(b) for m in metrics["scores"].values() for b in m if b != "full"})
     if not budgets:  # FullKV alone (e.g. checking which tasks a model can do at all)
         full = metrics["scores"]["fullkv"]["full"]

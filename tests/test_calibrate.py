@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
 import calibrate as C
+import objective as O
 import search as S
 import longbench as LB
 import checkpoint as CK
@@ -130,14 +131,14 @@ def tiny(n_layers=4, seed=0):
 def test_single_layer_kl_is_the_plain_pass_with_one_layer_compressed():
     model = tiny()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
+    ref = O.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
     s = P.Settings(window=16)
     for layer, policy, budget in [(0, "snapkv", 64), (2, "h2o", 40), (3, "tova", 100), (1, "knorm", 300)]:
         budgets = [10_000] * 4
         budgets[layer] = budget
         plan = K.Plan([policy] * 4, budgets, settings=s)
         plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
-        assert C.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
+        assert O.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
     assert ref.cache.lengths == [300] * 4  # the full prefill is untouched
 
 
@@ -147,7 +148,7 @@ def test_query_agnostic_reference_scores_the_answer_read_through_the_compressed_
     plain pass, and zero when nothing is evicted."""
     model = tiny()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(2)).tolist()
-    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16, n_context=260)
+    ref = O.build_reference(model, ids, "r", 12, stop_ids=(), window=16, n_context=260)
     assert ref.cache.lengths == [260] * 4 and ref.continuation[:40].tolist() == ids[260:]
     assert ref.scored_from == 39 and len(ref.full_logprobs) == len(ref.continuation) - 40 == 12
     full = ref.cache.clone()  # FullKV: the answer is the greedy continuation of context + question
@@ -160,12 +161,12 @@ def test_query_agnostic_reference_scores_the_answer_read_through_the_compressed_
         plan = K.Plan([policy] * 4, budgets, settings=s)
         logprobs = K.teacher_forced_logprobs(model, K.apply_plan(ref.cache, ref.stats, plan, 60), ref.continuation)
         plain = K.mean_kl(ref.full_logprobs, logprobs[39:]).item()
-        assert C.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
+        assert O.single_layer_kl(model, ref, layer, policy, budget, s) == pytest.approx(plain, rel=1e-5, abs=1e-9)
         assert plain > 0
     uniform = K.Plan(["snapkv"] * 4, [64] * 4, settings=s)
     logprobs = K.teacher_forced_logprobs(model, K.apply_plan(ref.cache, ref.stats, uniform, 60), ref.continuation)
-    assert C.plan_sample_kl(model, ref, uniform) == pytest.approx(K.mean_kl(ref.full_logprobs, logprobs[39:]).item(), rel=1e-5)
-    assert C.plan_sample_kl(model, ref, K.Plan(["snapkv"] * 4, [300] * 4, settings=s)) == pytest.approx(0, abs=1e-6)
+    assert O.plan_sample_kl(model, ref, uniform) == pytest.approx(K.mean_kl(ref.full_logprobs, logprobs[39:]).item(), rel=1e-5)
+    assert O.plan_sample_kl(model, ref, K.Plan(["snapkv"] * 4, [300] * 4, settings=s)) == pytest.approx(0, abs=1e-6)
 
 
 def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
@@ -173,7 +174,7 @@ def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
     plain teacher-forced pass (K.continuation_kl) exactly, and only the changed layers must run."""
     model = tiny()
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).tolist()
-    ref = C.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
+    ref = O.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
     runs = []
     layer_forward = M.Block.forward
 
@@ -187,13 +188,13 @@ def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):
         plan = K.Plan(policies, budgets, settings=P.Settings(window=16))
         plain = K.continuation_kl(ref.full_logprobs, model, K.apply_plan(ref.cache, ref.stats, plan, 12), ref.continuation)
         runs.clear()
-        fast = C.plan_sample_kl(model, ref, plan)
+        fast = O.plan_sample_kl(model, ref, plan)
         assert fast == pytest.approx(plain, rel=1e-6, abs=1e-9) and plain > 0
         first_changed = [0, 3, 2, 3, 0][i]  # plan 3 repeats plan 0: only the top layer runs again
         assert runs == list(range(first_changed, 4))
     other = K.Plan(["snapkv"] * 4, [64] * 4, settings=P.Settings(window=16, kernel=3))  # same layers, other settings
     runs.clear()
-    C.plan_sample_kl(model, ref, other)
+    O.plan_sample_kl(model, ref, other)
     assert runs == [0, 1, 2, 3]  # nothing reused: the scores differ
 
 
@@ -202,9 +203,9 @@ def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
     model, tokenizer = smollm2
     ids = tokenizer.encode(CK.chat_prompt(tokenizer, "The pass key is 4242. " + "The grass is green. " * 120
                                          + "What is the pass key?"), add_special_tokens=False).ids
-    ref = C.build_reference(model, ids, "p", 16, CK.stop_token_ids(smollm2_dir, tokenizer), window=32)
+    ref = O.build_reference(model, ids, "p", 16, CK.stop_token_ids(smollm2_dir, tokenizer), window=32)
     n, T = model.cfg.n_layers, len(ids)
-    kls = [C.plan_sample_kl(model, ref, K.Plan(["snapkv"] * n, [b] * n)) for b in (T, 256, 64)]
+    kls = [O.plan_sample_kl(model, ref, K.Plan(["snapkv"] * n, [b] * n)) for b in (T, 256, 64)]
     assert kls[0] < 1e-5 and kls[1] > 1e-4 and kls[2] > kls[1]
 
 
@@ -263,7 +264,7 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     difference = sum(mine) / 2 - sum(alone) / 2  # paired: PolyKV minus allocation alone, per validation sample
     assert f"polykv_allocation: {difference:+.4f} [" in table
     with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
-        m.setattr(C, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
+        m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
         for path in paths[48].values():  # plans written before the query and max_ratio fields existed:
             info = json.loads(path.read_text())  # query-aware, at most 4x the average: kept too
@@ -397,3 +398,43 @@ def test_without_longbench_the_calibration_runs_on_ruler_samples(tiny_checkpoint
                   if s["_id"] == ids[0])
     ref = C.build_references(model, tokenizer, tiny_checkpoint, [sample], cs, P.Settings(), "x", R)[0]
     assert ref.cache.lengths[0] == len(R.prompt_ids(tokenizer, sample)[0]) > 900  # RULER's prompt, filled to the length
+
+
+def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finished_plans(
+        tiny_checkpoint, longbench_dir, tmp_path, monkeypatch, capsys):
+    """--spans scores the budget's plans at each span and keeps the span of PolyKV's lowest in-sample
+    KL for all three; on a folder of finished plans only this step runs, and gives what a fresh run gives."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    spanned = replace(cs, spans=[1, 3, 9])
+    fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", spanned, P.Settings(), longbench_dir)
+    plans = {n: K.load_plan(p) for n, p in fresh[48].items()}
+    by_span = plans["polykv"].info["calibration"]["span_in_sample_kl"]
+    chosen = min([1, 3, 9], key=lambda s: by_span[str(s)])
+    assert "-> span" in capsys.readouterr().out
+    for name, plan in plans.items():
+        cal = plan.info["calibration"]
+        assert plan.settings.span == cal["span"] == chosen and plan.info["calibration_settings"]["spans"] == [1, 3, 9]
+        assert cal["in_sample_kl"] == cal["span_in_sample_kl"][str(chosen)] and len(cal["validation_kls"]) == 2
+    assert len(set(by_span.values())) > 1  # the span changes what is kept, so the KL
+
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", cs, P.Settings(), longbench_dir)
+    with monkeypatch.context() as m:  # finished plans (made without --spans): the span step only
+        m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
+        resumed = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", spanned, P.Settings(), longbench_dir)
+        assert "the span step only" in capsys.readouterr().out
+        for name, path in resumed[48].items():
+            again, plan = K.load_plan(path), plans[name]
+            assert (again.policies, again.budgets, again.settings) == (plan.policies, plan.budgets, plan.settings)
+            for key in ("span_in_sample_kl", "validation_kls", "best_uniform_validation_kls"):
+                assert again.info["calibration"][key] == pytest.approx(plan.info["calibration"][key], rel=1e-5)
+        m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("redid a finished span step"))
+        assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", spanned, P.Settings(),
+                     longbench_dir) == resumed
+
+
+def test_bad_spans_fail_before_any_work():
+    with pytest.raises(ValueError, match=r"--spans must be positive odd numbers, got \[1, 4\]"):
+        C.CalibrationSettings(spans=[1, 4])
+    with pytest.raises(ValueError, match="--spans must be positive odd numbers"):
+        C.CalibrationSettings(spans=[])

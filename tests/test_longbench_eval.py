@@ -347,6 +347,22 @@ def test_a_plan_evaluated_in_the_other_query_mode_is_named(ckpt, data, tmp_path,
     assert "the polykv plan" not in out
 
 
+def test_a_plan_with_a_span_gives_it_to_every_method_of_its_run(ckpt, data, tmp_path):
+    """A plan calibrated with a span (calibrate.py --spans) is evaluated beside baselines that pool
+    their scores the same way (one run, one set of policy settings), and results.md says so."""
+    path = save_plans(tmp_path, ckpt.name)[0]
+    plan = K.load_plan(path)
+    plan.settings = replace(plan.settings, span=3)
+    K.save_plan(plan, path)
+    s = RS.parse_settings(args(ckpt, data, tmp_path / "run", "--methods", "knorm", "polykv", "--budgets", "48"))
+    runs = RS.build_runs(s, {("polykv", 48): K.load_plan(path)}, N_LAYERS)
+    assert [(m, p.settings.span) for m, _, p in runs if p] == [("knorm", 3), ("polykv", 3)]
+    assert E.main(args(ckpt, data, tmp_path / "run", "--plan", path, "--methods", "knorm", "polykv")) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["span"] == 3
+    assert "max-pooled over 3 neighbouring tokens before selection (span), baselines included" in (
+        tmp_path / "run" / "results.md").read_text()
+
+
 def test_every_budget_evaluates_the_same_samples(ckpt, data, tmp_path):
     """With or without a plan at that budget, with or without PolyKV: the committed plans and the
     reserve are excluded whatever is asked, so the samples never depend on the budgets."""

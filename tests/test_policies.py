@@ -181,6 +181,7 @@ def test_snapkv_scores(kernel, pooling, agg, T, W):
 
 @pytest.mark.parametrize("field,value,message", [
     ("kernel", 4, "settings.kernel must be a positive odd number, got 4"),
+    ("span", 2, "settings.span must be a positive odd number, got 2"), ("span", 0, "settings.span must be a positive odd"),
     ("pooling", "median", "settings.pooling must be one of max, avg, got 'median'"),
     ("window", 0, "settings.window must be at least 1"), ("window", -4, "settings.window must be at least 1"),
     ("agg", "all", "settings.agg must be one of mean, max, got 'all'"),
@@ -190,6 +191,27 @@ def test_snapkv_scores(kernel, pooling, agg, T, W):
 def test_settings_reject_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         P.Settings(**{field: value})
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), window=st.integers(1, 8), span=st.sampled_from([1, 3, 5, 7, 9]), seed=st.integers(0, 99))
+def test_pool_span_equals_naive_neighbourhood_max(T, window, span, seed):
+    scores = torch.randn(2, 3, T, generator=torch.Generator().manual_seed(seed))
+    pooled, n, r = P.pool_span(scores, span, window), T - min(window, T), span // 2
+    naive = scores.clone()
+    for i in range(n):  # each prefix token: the best score within r of it, inside the prefix
+        naive[..., i] = scores[..., max(0, i - r):min(n, i + r + 1)].amax(dim=-1)
+    assert torch.equal(pooled, naive)
+
+
+def test_pool_span_keeps_the_neighbours_of_a_peak_whole():
+    """One high-scoring token and a flat rest: with span 7 the selection keeps the peak and its
+    three neighbours on each side, the contiguous run a retrieval answer needs."""
+    scores = torch.zeros(1, 1, 100)
+    scores[..., 40] = 5.0
+    kept = P.select_indices(P.pool_span(scores, 7, 4), budget=4 + 7, window=4)[0, 0].tolist()
+    assert kept == list(range(37, 44)) + [96, 97, 98, 99]
+    assert P.select_indices(scores, 4 + 7, 4)[0, 0].tolist()[:7] != list(range(37, 44))  # without pooling: not
 
 
 @pytest.mark.parametrize("agg", ["mean", "max"])

@@ -80,7 +80,7 @@ def test_no_pointers_outside_the_repository():
             assert needle not in text, f"{path.name} mentions {needle!r}"
 
 
-@pytest.mark.parametrize("name", ["calibrate.py", "search.py", "longbench_eval.py", "run_settings.py", "report.py"])
+@pytest.mark.parametrize("name", ["calibrate.py", "objective.py", "search.py", "longbench_eval.py", "run_settings.py", "report.py"])
 def test_the_top_floors_read_in_one_sitting(name):
     """The calibration and the evaluation: each file about 400 lines at most, no function over about 40."""
     text = (ROOT / name).read_text()

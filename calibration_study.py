@@ -212,6 +212,7 @@ def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_o
             lines.append(f"| {n} | " + " | ".join(fmt(c) for c in cells) + " |")
             for (column, _, _), c in zip(STUDY_ARMS, cells):
                 curves.setdefault((b, column), []).append((n, c))
+        lines += paired_lines(b, sizes, validation, validation_ids)
         agg = {a: kl(f"{b}/tova_agg/{a}/tova", validation_ids) for a in ("mean", "all")}
         lines.append(f"\nUniform TOVA at {b}, validation KL: within each KV head's group {fmt(agg['mean'])}, "
                      f"over all query heads (as published) {fmt(agg['all'])}.")
@@ -220,6 +221,29 @@ def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_o
     (Path(out) / "study.md").write_text(text)
     plot_curves(curves, Path(out) / "curve.png")
     return text
+
+
+PAIRED_RESAMPLES = 4000  # the study's few validation samples: twice the evaluation's draws, for steadier ends
+
+
+def paired_lines(budget: int, sizes: list[int], validation: dict, ids: list[str]) -> list[str]:
+    """Each plan's validation KL minus its comparison's (report.BASELINE_OF: routing or allocation alone
+    against the best uniform policy, PolyKV against allocation alone), paired over the validation
+    samples with a 95% bootstrap interval (PAIRED_RESAMPLES draws)."""
+    def paired(a: str, b: str) -> str:
+        x, y = validation.get(a, {}).get("kls", {}), validation.get(b, {}).get("kls", {})
+        common = [i for i in ids if i in x and i in y]
+        if not common:
+            return "–"
+        return report.interval(report.bootstrap_difference({"v": [x[i] for i in common]}, {"v": [y[i] for i in common]},
+                                                           n=PAIRED_RESAMPLES), 4)
+    arms = [(column, arm, plan) for column, arm, plan in STUDY_ARMS if plan in report.BASELINE_OF]
+    if not sizes:
+        return []
+    rows = [[str(n)] + [paired(f"{budget}/n{n}/{arm}/{plan}", f"{budget}/n{n}/{arm}/{report.BASELINE_OF[plan]}")
+                        for _, arm, plan in arms] for n in sizes]
+    return [f"\nPaired over the validation samples (95% bootstrap, {PAIRED_RESAMPLES} resamples), each plan minus its comparison:\n"] + report.table(
+        "n", [f"{column} minus {report.BASELINE_OF[plan].replace('polykv_', '')}" for column, _, plan in arms], rows)
 
 
 def lofo_lines(budget: int, kl, held_out_ids: list[str]) -> list[str]:

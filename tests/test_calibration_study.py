@@ -30,6 +30,9 @@ def test_learning_curve_and_leave_one_family_out_exact(tmp_path):
     text = S.study_tables(rows, validation, ["v1", "v2"], ["h1", "h2"], tmp_path)
     # n16 row: means over v1, v2 only (0.3 x scale); arms this draw lacks are dashes
     assert "| 16 | 0.3000 | 0.2700 | 0.1500 | 0.0750 | – | – | – | – |" in text
+    # paired, per validation sample: routing 0.9x uniform (v1 -0.02, v2 -0.04), allocation 0.5x (-0.10, -0.20),
+    # PolyKV 0.5x allocation (-0.05, -0.10); the bootstrap's draws lie between the samples' own differences
+    assert "| 16 | -0.0300 [-0.0400, -0.0200] | -0.1500 [-0.2000, -0.1000] | -0.0750 [-0.1000, -0.0500] | – | – | – | – |" in text
     # family: uniform 2.0 on h1, h2; PolyKV 0.5 with the family, 0.75 without: (2 - 0.75) / (2 - 0.5) survives
     assert "best uniform 2.0000 -> PolyKV 0.5000; without it, best uniform 2.0000 -> PolyKV 0.7500" in text
     assert "survives: 83%." in text and (tmp_path / "curve.png").stat().st_size > 1000

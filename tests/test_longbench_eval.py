@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import longbench as LB  # noqa: E402
+import longbench_metrics as LM  # noqa: E402
 import longbench_eval as E  # noqa: E402
 import run_settings as RS  # noqa: E402
 import checkpoint as CK  # noqa: E402
@@ -107,6 +108,13 @@ def test_end_to_end_then_resume(ckpt, data, tmp_path, monkeypatch, capsys):
     assert sd["best_baseline"] == best and sd["fullkv_minus_best"][0] == pytest.approx(
         metrics["scores"]["fullkv"]["full"]["average"] - metrics["scores"][best]["48"]["average"])
     assert sd["fullkv_minus_best"][1] <= sd["fullkv_minus_best"][0] <= sd["fullkv_minus_best"][2]
+    per = metrics["per_sample_scores"]  # kept per sample, in sample_ids' order: another run can pair with them
+    by_id = {r["id"]: r for r in recs if (r["method"], r["budget"]) == ("snapkv", 48)}
+    assert {t: len(ids) for t, ids in metrics["sample_ids"].items()} == {"hotpotqa": 2, "trec": 2}
+    assert per["snapkv"]["48"]["hotpotqa"] == [LM.sample_scores("hotpotqa", [by_id[i]["prediction"]], [[WORDS[int(i[-1])]]],
+                                                                ["x"])[0] for i in metrics["sample_ids"]["hotpotqa"]]
+    assert report.average(per["snapkv"]["48"]) == pytest.approx(metrics["scores"]["snapkv"]["48"]["average"])
+    assert report.bootstrap_difference(per["fullkv"]["full"], per[best]["48"])[0] == pytest.approx(sd["fullkv_minus_best"][0])
     assert (out / "scores.png").stat().st_size > 0 and (out / "results.md").is_file()
     assert metrics["tf_tokens"] == E.TF_TOKENS and f"(first {E.TF_TOKENS} tokens)" in (out / "results.md").read_text()
     assert "longbench, query-aware, 2 per task" in printed.splitlines()[0]  # the mode, said first

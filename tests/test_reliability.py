@@ -274,8 +274,8 @@ def test_a_run_recorded_before_tova_agg_resumes_with_within_group_tova_only(tmp_
     old = {"data_id": "d", "model": "m", "max_length": 2048, "dtype": "float32",
            "settings": {"window": 32, "kernel": 7, "pooling": "max", "sinks": 4, "agg": "mean", "seed": 0}}
     (tmp_path / "run.json").write_text(json.dumps(old))
-    config = {**old, "model_id": "x", "query": "aware", "settings": {**old["settings"], "tova_agg": "mean"}}
-    RF.check_run_config(tmp_path, config)  # accepted, and run.json now records the field
+    config = {**old, "model_id": "x", "query": "aware", "settings": {**old["settings"], "tova_agg": "mean", "span": 1}}
+    RF.check_run_config(tmp_path, config)  # accepted (and no span then: span 1), and run.json now records the fields
     assert json.loads((tmp_path / "run.json").read_text())["settings"]["tova_agg"] == "mean"
     (tmp_path / "run.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="holds a run with different settings"):

@@ -64,7 +64,7 @@ class CalibrationSettings:
     min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
     seed: int = 0  # which samples are drawn
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
-    spans: list[int] = field(default_factory=lambda: [1])  # candidate policies.Settings.span values (a list, as JSON reads it)
+    spans: list[int] = field(default_factory=lambda: [1])  # candidate policies.Settings.span values (see choose_span)
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -80,8 +80,14 @@ class CalibrationSettings:
             raise ValueError(f"--max-ratio must be a number >= 1 (times the average budget), got {self.max_ratio}")
         if not 0 <= self.min_win_share < 1:
             raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
-        if not self.spans or any(s < 1 or s % 2 == 0 for s in self.spans):
-            raise ValueError(f"--spans must be positive odd numbers, got {self.spans}")
+        if not self.spans:
+            raise ValueError("--spans needs at least one span")
+        for span in self.spans:
+            try:
+                P.Settings(span=span)  # the one rule for a span
+            except ValueError as e:
+                raise ValueError(f"--spans {span}: {e}") from None
+        object.__setattr__(self, "spans", list(self.spans))  # as JSON reads it back: resuming compares the two
 
 
 # -----------------------------------------------------------------------------
@@ -153,13 +159,14 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
 
 def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,
                 settings: P.Settings, spans: list[int]) -> tuple[dict[str, dict], P.Settings]:
-    """The last step: every plan of the budget (and the best uniform policy) scored at each span;
-    all take the span with PolyKV's lowest in-sample KL (one run shares one set of policy settings).
-    Chosen on the calibration samples, so the validation KLs, written at that span, stay held out.
+    """The last step: every plan of the budget scored at each span (and the best uniform policy, kept
+    as the calibration chose it, for the record); all take the span with PolyKV's lowest in-sample KL
+    (one run shares one set of policy settings). Chosen on the calibration samples, so the validation
+    KLs, written at that span, stay held out. The routes and budgets are not refitted at the span.
     Returns the plans with their records at the chosen span, and the settings to save them with."""
     n, best = model.cfg.n_layers, plans["polykv"]["calibration"]["best_uniform"]
     arms = {"uniform": ([best] * n, [average] * n), **{k: (p["policies"], p["budgets"]) for k, p in plans.items()}}
-    kls = lambda refs, arm, span: O.sample_kls(model, refs, K.Plan(*arms[arm], settings=replace(settings, span=span)))  # noqa: E731
+    kls = lambda on, arm, span: O.sample_kls(model, on, K.Plan(*arms[arm], settings=replace(settings, span=span)))  # noqa: E731
     in_sample = {s: {a: mean(kls(refs, a, s)) for a in arms} for s in spans}
     chosen = min(spans, key=lambda s: in_sample[s]["polykv"])  # ties: the first listed
     val = {a: [round(kl, 6) for kl in kls(val_refs, a, chosen)] for a in arms}
@@ -169,11 +176,10 @@ def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], pla
     for name, p in plans.items():
         record = p["calibration"]
         record.update(span=chosen, in_sample_kl=in_sample[chosen][name], validation_kls=val[name],
-                      validation_kl=mean(val[name]), best_uniform_validation_kls=val["uniform"],
-                      best_uniform_validation_kl=mean(val["uniform"]))
-        if len(spans) > 1:
-            record["span_in_sample_kl"] = {str(s): in_sample[s][name] for s in spans}
-            record["span_uniform_in_sample_kl"] = {str(s): in_sample[s]["uniform"] for s in spans}
+                      validation_kl=mean(val[name]), best_uniform_in_sample_kl=in_sample[chosen]["uniform"],
+                      best_uniform_validation_kls=val["uniform"], best_uniform_validation_kl=mean(val["uniform"]),
+                      span_in_sample_kl={str(s): in_sample[s][name] for s in spans},
+                      span_uniform_in_sample_kl={str(s): in_sample[s]["uniform"] for s in spans})
         scored = (f", validation KL {record['validation_kl']:.4f} (best uniform {best}: "
                   f"{record['best_uniform_validation_kl']:.4f})" if val_refs else "")  # none: validated elsewhere
         print(f"[{average}] {name}: in-sample KL {record['in_sample_kl']:.4f}{scored}")

@@ -101,7 +101,7 @@ def make_plans(model, refs_by_id: dict, draws: dict, budgets: list[int], cs: C.C
                 t0 = time.perf_counter()
                 # the search starts from the routing-first plan, as it did for the first rows
                 arm_cs = replace(cs, refine=True, order="route-allocate") if arm == "refined" else replace(cs, order=arm)
-                plans, _ = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)
+                plans, _ = C.calibrate_budget(model, refs, [], budget, arm_cs, settings)  # no --spans here: span 1
                 table = next(iter(plans.values()))["calibration"]
                 plans["uniform"] = {"policies": [table["best_uniform"]] * n, "budgets": [budget] * n,
                                     "calibration": {"in_sample_kl": table["best_uniform_in_sample_kl"]}}
@@ -237,9 +237,9 @@ def paired_lines(budget: int, sizes: list[int], validation: dict, ids: list[str]
             return "–"
         return report.interval(report.bootstrap_difference({"v": [x[i] for i in common]}, {"v": [y[i] for i in common]},
                                                            n=PAIRED_RESAMPLES), 4)
-    arms = [(column, arm, plan) for column, arm, plan in STUDY_ARMS if plan in report.BASELINE_OF]
     if not sizes:
         return []
+    arms = [(column, arm, plan) for column, arm, plan in STUDY_ARMS if plan in report.BASELINE_OF]
     rows = [[str(n)] + [paired(f"{budget}/n{n}/{arm}/{plan}", f"{budget}/n{n}/{arm}/{report.BASELINE_OF[plan]}")
                         for _, arm, plan in arms] for n in sizes]
     return [f"\nPaired over the validation samples (95% bootstrap, {PAIRED_RESAMPLES} resamples), each plan minus its comparison:\n"] + report.table(

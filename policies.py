@@ -199,9 +199,11 @@ SCORERS = {
 def pool_span(scores: torch.Tensor, span: int, window: int) -> torch.Tensor:
     """scores (B, n_kv, T) -> (B, n_kv, T): each prefix token scores as high as its best neighbour
     within span // 2 on either side, so a token worth keeping brings its neighbours along. Retrieval
-    answers are spans (a UUID is 30-36 tokens to the shipped tokenizers): keeping its head but not its tail loses the answer.
-    SnapKV pools its own scores the same way; this does it for any policy. The window is kept
-    anyway and, as in SnapKV, not pooled. span 1 leaves the scores as they are."""
+    answers are spans (a UUID is about 30-36 tokens to the shipped tokenizers): keeping its head but not
+    its tail loses the answer. SnapKV pools its own scores the same way; this does it for any policy.
+    The window is kept anyway and, as in SnapKV, not pooled. span 1 leaves the scores as they are.
+    Positional policies change too: StreamingLLM's sinks bring their next span // 2 tokens along,
+    and Random is no longer uniform."""
     T = scores.shape[-1]
     n = T - min(window, T)  # prefix tokens
     if span == 1 or n == 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -273,6 +273,7 @@ def layer_scores(keys: torch.Tensor, stats: P.LayerStats, policy: str, settings:
     names = head_policies(policy, keys.shape[1])  # one per KV head
     if len(names) != keys.shape[1]:
         raise ValueError(f"layer {stats.layer}: policy {policy!r} names {len(names)} heads, the model has {keys.shape[1]} KV heads")
+    settings = replace(settings, span=1)  # the span pools the scores afterwards: one memo entry for every span
     for name in set(names):
         if (stats.layer, name, settings) not in memo:
             memo[stats.layer, name, settings] = P.SCORERS[name](keys, stats, settings)  # (B, n_kv, T)

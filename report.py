@@ -46,8 +46,9 @@ def calibration_table(plan_dir: Path) -> str:
         plans = {n: K.load_plan(path) for n in K.PLAN_METHODS if (path := K.plan_path(plan_dir, budget, n)).is_file()}
         if not plans:
             continue
-        cal = next(iter(plans.values())).info["calibration"]
-        rows.append(f"| {budget} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
+        first = next(iter(plans.values()))
+        cal, span = first.info["calibration"], f", span {first.settings.span}" if first.settings.span > 1 else ""
+        rows.append(f"| {budget}{span} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
                     f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} | |")
         for name, plan in plans.items():
             routing = ", ".join(f"{plan.policies.count(p)} {p}" for p in P.SCORERS if p in plan.policies)

@@ -266,9 +266,10 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
     with monkeypatch.context() as m:  # a rerun with the same settings keeps the written plans
         m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
-        for path in paths[48].values():  # plans written before the query and max_ratio fields existed:
-            info = json.loads(path.read_text())  # query-aware, at most 4x the average: kept too
+        for path in paths[48].values():  # plans written before the query, max_ratio and span fields existed:
+            info = json.loads(path.read_text())  # query-aware, at most 4x the average, span 1: kept too
             del info["calibration_settings"]["query"], info["calibration_settings"]["max_ratio"]
+            del info["calibration_settings"]["spans"], info["settings"]["span"]
             path.write_text(json.dumps(info))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
     agnostic = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "agnostic", replace(cs, query="agnostic"),
@@ -407,16 +408,23 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
     spanned = replace(cs, spans=[1, 3, 9])
+    true_kls, seen = O.sample_kls, set()
+
+    def kls(model, refs, plan):  # the objective, with span 1 and 9 made worse: span 3 must win
+        seen.add(plan.settings.span)
+        return [kl + (plan.settings.span != 3) for kl in true_kls(model, refs, plan)]
+    monkeypatch.setattr(O, "sample_kls", kls)
     fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", spanned, P.Settings(), longbench_dir)
     plans = {n: K.load_plan(p) for n, p in fresh[48].items()}
-    by_span = plans["polykv"].info["calibration"]["span_in_sample_kl"]
-    chosen = min([1, 3, 9], key=lambda s: by_span[str(s)])
-    assert "-> span" in capsys.readouterr().out
+    assert seen == {1, 3, 9} and "-> span 3" in capsys.readouterr().out
+    refs = C.build_references(model, tokenizer, tiny_checkpoint, C.calibration_sets(tokenizer, spanned, longbench_dir)[0],
+                              spanned, P.Settings(), "check")
     for name, plan in plans.items():
         cal = plan.info["calibration"]
-        assert plan.settings.span == cal["span"] == chosen and plan.info["calibration_settings"]["spans"] == [1, 3, 9]
-        assert cal["in_sample_kl"] == cal["span_in_sample_kl"][str(chosen)] and len(cal["validation_kls"]) == 2
-    assert len(set(by_span.values())) > 1  # the span changes what is kept, so the KL
+        assert plan.settings.span == cal["span"] == 3 and plan.info["calibration_settings"]["spans"] == [1, 3, 9]
+        assert cal["in_sample_kl"] == cal["span_in_sample_kl"]["3"] < min(cal["span_in_sample_kl"][s] for s in "19")
+        assert cal["best_uniform_in_sample_kl"] == cal["span_uniform_in_sample_kl"]["3"] and len(cal["validation_kls"]) == 2
+        assert cal["in_sample_kl"] == pytest.approx(C.mean(true_kls(model, refs, plan)), rel=1e-5)  # the saved plan, rescored
 
     C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", cs, P.Settings(), longbench_dir)
     with monkeypatch.context() as m:  # finished plans (made without --spans): the span step only
@@ -434,7 +442,10 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
 
 
 def test_bad_spans_fail_before_any_work():
-    with pytest.raises(ValueError, match=r"--spans must be positive odd numbers, got \[1, 4\]"):
+    with pytest.raises(ValueError, match="--spans 4: settings.span must be a positive odd number, got 4"):
         C.CalibrationSettings(spans=[1, 4])
-    with pytest.raises(ValueError, match="--spans must be positive odd numbers"):
+    with pytest.raises(ValueError, match="--spans 3.0: settings.span must be an integer"):
+        C.CalibrationSettings(spans=[3.0])  # from Python: caught here, not after the calibration
+    with pytest.raises(ValueError, match="--spans needs at least one span"):
         C.CalibrationSettings(spans=[])
+    assert C.CalibrationSettings(spans=(1, 3)).spans == [1, 3]  # a list, as the plans' JSON reads back

@@ -157,11 +157,9 @@ def snapkv_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.T
     to KV heads. As in SnapKV only the prefix (tokens 0..T-W-1) is pooled, so the window's
     strong local attention does not spill into its neighbours (select_indices keeps the
     window anyway). "avg" pads with zeros counted in the mean (avg_pool1d's default)."""
-    W, T = stats.window_queries.shape[2], keys.shape[2]
     attn = causal_attention(stats.window_queries, keys).sum(dim=2)  # (B, nh, T)
-    pool = F.max_pool1d if s.pooling == "max" else F.avg_pool1d
-    prefix = pool(attn[..., : T - W], s.kernel, stride=1, padding=s.kernel // 2) if T > W else attn[..., :0]
-    return aggregate_heads(torch.cat([prefix, attn[..., T - W:]], dim=-1), keys.shape[1], s.agg)  # (B, n_kv, T)
+    pooled = pool_span(attn, s.kernel, stats.window_queries.shape[2], s.pooling)  # (B, nh, T)
+    return aggregate_heads(pooled, keys.shape[1], s.agg)  # (B, n_kv, T)
 
 
 def tova_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
@@ -196,19 +194,21 @@ SCORERS = {
 
 # ------------------------------------------------------------------------------- selection
 
-def pool_span(scores: torch.Tensor, span: int, window: int) -> torch.Tensor:
-    """scores (B, n_kv, T) -> (B, n_kv, T): each prefix token scores as high as its best neighbour
-    within span // 2 on either side, so a token worth keeping brings its neighbours along. Retrieval
-    answers are spans (a UUID is about 30-36 tokens to the shipped tokenizers): keeping its head but not
-    its tail loses the answer. SnapKV pools its own scores the same way; this does it for any policy.
-    The window is kept anyway and, as in SnapKV, not pooled. span 1 leaves the scores as they are.
-    Positional policies change too: StreamingLLM's sinks bring their next span // 2 tokens along,
-    and Random is no longer uniform."""
+def pool_span(scores: torch.Tensor, span: int, window: int, pooling: str = "max") -> torch.Tensor:
+    """scores (B, H, T) -> (B, H, T): each prefix token scores as high as its best neighbour within
+    span // 2 on either side ("avg": their mean, zero-padded, an option of SnapKV's), so a token
+    worth keeping brings its neighbours along. Retrieval answers are spans (a UUID is about 30-36
+    tokens to the shipped tokenizers): keeping its head but not its tail loses the answer. SnapKV
+    pools its own scores with this (kernel 7); Settings.span does it for any policy. The window is
+    kept anyway and, as in SnapKV, not pooled. span 1 leaves the scores as they are. Positional
+    policies change too: StreamingLLM's sinks bring their next span // 2 tokens along, and Random
+    is no longer uniform."""
     T = scores.shape[-1]
     n = T - min(window, T)  # prefix tokens
     if span == 1 or n == 0:
         return scores
-    prefix = F.max_pool1d(scores[..., :n], span, stride=1, padding=span // 2)  # (B, n_kv, n)
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    prefix = pool(scores[..., :n], span, stride=1, padding=span // 2)  # (B, H, n)
     return torch.cat([prefix, scores[..., n:]], dim=-1)
 
 

@@ -126,12 +126,10 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict, samp
         scores.setdefault(method, {})[key] = {"tasks": per_task, "average": sum(per_task.values()) / len(tasks)}
         fid.setdefault(method, {})[key] = fidelity([rec(s, method, budget) for s in samples], full_tokens)
     prefills = {s["_id"]: rec(s, "fullkv", None)["prefill_seconds"] for s in samples}
-    by_method = {}
-    for (method, key), per_task in per_sample.items():
-        by_method.setdefault(method, {})[key] = per_task
     return {**header, "tasks": tasks, "n_samples": len(samples), "scores": scores, "fidelity": fid,
             # per task, in sample_ids' order: two runs on the same samples can be paired (bootstrap_difference)
-            "sample_ids": {t: [s["_id"] for s in ss] for t, ss in by_task.items()}, "per_sample_scores": by_method,
+            "sample_ids": {t: [s["_id"] for s in ss] for t, ss in by_task.items()},
+            "per_sample_scores": {m: {k: per_sample[m, k] for k in per} for m, per in scores.items()},
             "gap_recovery": gap_recovery(scores, fid, runs),
             "score_differences": score_differences(scores, fid, per_sample, tf_kl),
             "timing": {"prefill_seconds": sum(prefills.values()), "runs_per_prefill": len(runs),

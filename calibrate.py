@@ -17,9 +17,11 @@ both into a static plan per budget.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
 5. Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
-6. Span (--spans, optional): every policy's scores max-pooled over a few neighbours before
-   selection (policies.pool_span); the span with PolyKV's lowest in-sample KL is kept for the
-   budget's plans. Run on a folder of finished plans, only this step runs.
+6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
+   selection (policies.pool_span). --span S fits steps 3-5 at span S (the uniform policies too);
+   --spans tries each candidate on the finished plans and keeps the span with PolyKV's lowest
+   in-sample KL (routes and budgets are not refitted). Run on a folder of finished plans, only
+   this last step runs.
 7. Validation. Held-out samples score every plan next to the best uniform policy.
 Calibration samples are never evaluation samples: they come from longbench.calibration_pool
 (or RULER seeds of their own), and every id used is written into the plan, which the
@@ -64,7 +66,8 @@ class CalibrationSettings:
     min_win_share: float = 0.5  # a search move must lower the KL on more than this share of samples
     seed: int = 0  # which samples are drawn
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
-    spans: list[int] = field(default_factory=lambda: [1])  # candidate policies.Settings.span values (see choose_span)
+    span: int = 1  # policies.Settings.span the routes and budgets are fitted at (1: scores as the policies give them)
+    spans: list[int] | None = None  # candidate spans of the last step (see choose_span); None: [span], no choice
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -80,14 +83,15 @@ class CalibrationSettings:
             raise ValueError(f"--max-ratio must be a number >= 1 (times the average budget), got {self.max_ratio}")
         if not 0 <= self.min_win_share < 1:
             raise ValueError(f"--min-win-share must be in [0, 1), got {self.min_win_share}")
-        if not self.spans:
+        if self.spans is not None and not self.spans:
             raise ValueError("--spans needs at least one span")
-        for span in self.spans:
+        for flag, span in [("--span", self.span)] + [("--spans", s) for s in self.spans or []]:
             try:
                 P.Settings(span=span)  # the one rule for a span
             except ValueError as e:
-                raise ValueError(f"--spans {span}: {e}") from None
-        object.__setattr__(self, "spans", list(self.spans))  # as JSON reads it back: resuming compares the two
+                raise ValueError(f"{flag} {span}: {e}") from None
+        # as JSON reads it back (a list): resuming compares the two
+        object.__setattr__(self, "spans", [self.span] if self.spans is None else list(self.spans))
 
 
 # -----------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
 def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference], average: int,
                      cs: CalibrationSettings, settings: P.Settings) -> tuple[dict[str, dict], P.Settings]:
     """({plan name: {policies, budgets, calibration record}}, their settings) for one target average budget."""
-    n = model.cfg.n_layers
+    n, settings = model.cfg.n_layers, replace(settings, span=cs.span)  # every signal below is measured at the span
     objective = lambda p, b: O.sample_kls(model, refs, K.Plan(p, b, settings=settings))  # noqa: E731
     layer_kl = lambda l, p, b: mean(O.single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
@@ -303,9 +307,11 @@ def parse_args(argv):
                    f"{MAX_LENGTH['longbench']} on LongBench, {MAX_LENGTH['ruler']} on RULER)")
     p.add_argument("--max-ratio", type=float, default=d.max_ratio, help="a layer's budget is at most this many "
                    "times the average budget")
-    p.add_argument("--spans", type=int, nargs="+", default=d.spans, help="candidate spans: every policy's scores "
-                   "max-pooled over this many neighbours before selection; the calibration keeps the one with "
-                   "PolyKV's lowest in-sample KL (default: 1, no pooling); on finished plans only this step runs")
+    p.add_argument("--span", type=int, default=d.span, help="fit routing and allocation with every policy's scores "
+                   "max-pooled over this many neighbours before selection (default: 1, no pooling)")
+    p.add_argument("--spans", type=int, nargs="+", default=None, help="candidate spans tried on the fitted plans; "
+                   "the calibration keeps the one with PolyKV's lowest in-sample KL (default: --span alone); on "
+                   "finished plans only this step runs")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")

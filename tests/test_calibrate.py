@@ -269,7 +269,7 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
         for path in paths[48].values():  # plans written before the query, max_ratio and span fields existed:
             info = json.loads(path.read_text())  # query-aware, at most 4x the average, span 1: kept too
             del info["calibration_settings"]["query"], info["calibration_settings"]["max_ratio"]
-            del info["calibration_settings"]["spans"], info["settings"]["span"]
+            del info["calibration_settings"]["spans"], info["calibration_settings"]["span"], info["settings"]["span"]
             path.write_text(json.dumps(info))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
     agnostic = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "agnostic", replace(cs, query="agnostic"),
@@ -441,7 +441,38 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
                      longbench_dir) == resumed
 
 
+def test_span_fits_every_signal_at_that_span(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
+    """--span S: the uniform policies, single-layer signals and plans are all measured at span S (the
+    recorded KLs are those of pooled scores, exactly), and plans fitted at another span are not resumed."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6, span=5)
+    assert cs.spans == [5]  # no --spans: the fitted span, no choice
+    true_single, true_kls, seen = O.single_layer_kl, O.sample_kls, set()
+    monkeypatch.setattr(O, "single_layer_kl", lambda *a: seen.add(a[-1].span) or true_single(*a))
+    monkeypatch.setattr(O, "sample_kls", lambda m, r, plan: seen.add(plan.settings.span) or true_kls(m, r, plan))
+    paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
+    assert seen == {5}
+    refs = C.build_references(model, tokenizer, tiny_checkpoint, C.calibration_sets(tokenizer, cs, longbench_dir)[0],
+                              cs, P.Settings(), "check")
+    polykv = K.load_plan(paths[48]["polykv"])
+    cal = polykv.info["calibration"]
+    assert polykv.settings.span == cal["span"] == polykv.info["calibration_settings"]["span"] == 5
+    for policy, kl in cal["uniform_kl"].items():  # the uniform step ran at span 5, not 1
+        at = lambda span: C.mean(true_kls(model, refs, K.Plan([policy] * 2, [48] * 2,  # noqa: E731
+                                                               settings=P.Settings(span=span))))
+        assert kl == pytest.approx(at(5), rel=1e-5)
+    assert any(kl != pytest.approx(C.mean(true_kls(model, refs, K.Plan([p] * 2, [48] * 2))), rel=1e-3)
+               for p, kl in cal["uniform_kl"].items())  # and span 5 differs from span 1 somewhere
+    unfitted = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, replace(cs, span=1), P.Settings(), longbench_dir)
+    assert K.load_plan(unfitted[48]["polykv"]).info["calibration_settings"]["span"] == 1  # recalibrated, not kept
+    args = C.parse_args(["--span", "5"])  # the command line: --span alone is not overridden by a --spans default
+    assert C.CalibrationSettings(**{f: getattr(args, f) for f in C.CalibrationSettings.__dataclass_fields__}
+                                 | {"max_length": 200}).spans == [5]
+
+
 def test_bad_spans_fail_before_any_work():
+    with pytest.raises(ValueError, match="--span 2: settings.span must be a positive odd number, got 2"):
+        C.CalibrationSettings(span=2)
     with pytest.raises(ValueError, match="--spans 4: settings.span must be a positive odd number, got 4"):
         C.CalibrationSettings(spans=[1, 4])
     with pytest.raises(ValueError, match="--spans 3.0: settings.span must be an integer"):

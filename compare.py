@@ -1,0 +1,85 @@
+"""
+Paired comparison of methods across two result folders (each longbench_eval.py's metrics.json).
+
+Runs made with other settings (a span, another plan) on the same samples are paired sample by
+sample, as one run's own results.md pairs its methods: the average of method A in folder NEW minus
+that of method B in folder OLD, with its 95% paired bootstrap interval, and the share of
+FullKV's lead over B that A recovers (score gap recovery; FullKV from OLD).
+
+    python compare.py NEW OLD --pairs polykv_span:best polykv_span:polykv knorm [--budget 512]
+
+A pair "A:B" is method A of NEW against method B of OLD; a bare "m" is m:m (the same method in both
+folders, e.g. a baseline with and without a setting); "best" on the B side is OLD's best baseline
+at the budget. NEW and OLD may be the same folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import report
+
+
+def load_metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json (is {folder} a longbench_eval.py --out folder?)")
+    metrics = json.loads(path.read_text())
+    if "per_sample_scores" not in metrics:
+        raise ValueError(f"{path} has no per-sample scores: rerun its longbench_eval.py command to rewrite it")
+    return metrics
+
+
+def scores(metrics: dict, folder: Path, method: str, budget: str) -> dict:
+    """{task: [score per sample]} of one method at one budget (FullKV: at its full cache)."""
+    by_budget = metrics["per_sample_scores"].get(method)
+    if by_budget is None:
+        raise ValueError(f"{folder}: no method {method!r}; it has {', '.join(metrics['per_sample_scores'])}")
+    key = "full" if method == "fullkv" else budget
+    if key not in by_budget:
+        raise ValueError(f"{folder}: {method} has no budget {budget}; it has {', '.join(by_budget)}")
+    return by_budget[key]
+
+
+def compare(new: Path, old: Path, pairs: list[str], budget: int) -> list[str]:
+    """One line per pair: A's average, B's, A minus B [interval], and A's score gap recovery over B."""
+    a_metrics, b_metrics = load_metrics(new), load_metrics(old)
+    if a_metrics["sample_ids"] != b_metrics["sample_ids"]:
+        raise ValueError(f"{new} and {old} hold different samples: their scores cannot be paired")
+    b = str(budget)
+    full = scores(b_metrics, old, "fullkv", b)
+    lines = []
+    for pair in pairs:
+        a_name, _, b_name = pair.partition(":")
+        b_name = b_name or a_name
+        if b_name == "best":
+            best = b_metrics.get("score_differences", {}).get(b, {}).get("best_baseline")
+            if best is None:
+                raise ValueError(f"{old}: no best baseline at budget {b}")
+            b_name = best
+        a, base = scores(a_metrics, new, a_name, b), scores(b_metrics, old, b_name, b)
+        rec = report.bootstrap_gap_recovery(a, base, full)
+        lines.append(f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
+                     f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "
+                     f"{report.pct(rec[0])} [{report.pct(rec[1])}, {report.pct(rec[2])}]")
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Paired comparison of methods across two longbench_eval.py folders.")
+    p.add_argument("new", type=Path, help="folder of the A side")
+    p.add_argument("old", type=Path, help="folder of the B side (and of FullKV)")
+    p.add_argument("--pairs", nargs="+", required=True, help="A:B (A of NEW minus B of OLD), m (= m:m); B may be 'best'")
+    p.add_argument("--budget", type=int, default=512)
+    args = p.parse_args(argv)
+    lines = compare(args.new, args.old, args.pairs, args.budget)
+    print(f"{args.new} minus {args.old}, budget {args.budget}, paired by sample:", *lines, sep="\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

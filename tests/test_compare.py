@@ -1,0 +1,45 @@
+"""compare.py: two folders' per-sample scores paired exactly as one run's report pairs its own."""
+import json
+
+import pytest
+
+import compare
+import report
+
+FULL = {"a": [100, 100], "b": [100, 100]}
+
+
+def folder(tmp_path, name, per_sample, ids=("a-0", "a-1"), best="knorm"):
+    d = tmp_path / name
+    d.mkdir()
+    metrics = {"sample_ids": {"a": list(ids), "b": ["b-0", "b-1"]}, "score_differences": {"512": {"best_baseline": best}},
+               "per_sample_scores": {"fullkv": {"full": FULL}, **per_sample}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def test_pairs_methods_across_folders_with_exact_values(tmp_path):
+    span = {"polykv": {"512": {"a": [100, 0], "b": [100, 100]}}, "knorm": {"512": {"a": [100, 100], "b": [0, 0]}}}
+    plain = {"polykv": {"512": {"a": [0, 0], "b": [100, 0]}}, "knorm": {"512": {"a": [0, 0], "b": [100, 0]}}}
+    new, old = folder(tmp_path, "span", span), folder(tmp_path, "plain", plain)
+    lines = compare.compare(new, old, ["polykv:best", "knorm"], 512)
+    a, b = span["polykv"]["512"], plain["knorm"]["512"]
+    d = report.bootstrap_difference(a, b)
+    assert d[0] == 50.0  # 75 - 25
+    assert lines[0] == (f"polykv 75.0 minus knorm 25.0: +50.0 [{d[1]:+.1f}, {d[2]:+.1f}], score gap recovery 66.7% "
+                        f"[{report.pct(report.bootstrap_gap_recovery(a, b, FULL)[1])}, "
+                        f"{report.pct(report.bootstrap_gap_recovery(a, b, FULL)[2])}]")
+    assert lines[1].startswith("knorm 50.0 minus knorm 25.0: +25.0 [")  # the same method, with and without a setting
+
+
+def test_refuses_what_cannot_be_paired(tmp_path):
+    scores = {"knorm": {"512": {"a": [0, 0], "b": [0, 0]}}}
+    new, old = folder(tmp_path, "new", scores), folder(tmp_path, "old", scores, ids=("a-2", "a-3"))
+    with pytest.raises(ValueError, match="hold different samples"):
+        compare.compare(new, old, ["knorm"], 512)
+    with pytest.raises(ValueError, match="no method 'h2o'; it has fullkv, knorm"):
+        compare.compare(new, new, ["h2o"], 512)
+    with pytest.raises(ValueError, match="knorm has no budget 256; it has 512"):
+        compare.compare(new, new, ["knorm"], 256)
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        compare.compare(tmp_path / "missing", new, ["knorm"], 512)

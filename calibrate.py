@@ -108,8 +108,8 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
     own budget. Allocating first is the default: a layer's preferred policy depends on its budget,
     so routing at the budget the layer will actually have fits better. Measured on SmolLM2
     (calibration_study.py, validation KL on 32 held-out samples, paired bootstrap of the
-    difference): allocate-route minus route-allocate = -0.040 [-0.081, -0.008] at budget 128 and
-    -0.008 [-0.017, +0.000] at 512 with 16 calibration samples, +0.007 [-0.033, +0.059] at 128
+    difference): allocate-route minus route-allocate = -0.040 [-0.081, -0.007] at budget 128 and
+    -0.008 [-0.017, +0.001] at 512 with 16 calibration samples, +0.007 [-0.034, +0.060] at 128
     with 32: better or level, never worse."""
     sens_budget = max(low, average // 4)
     even = [average] * n

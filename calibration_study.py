@@ -215,7 +215,8 @@ def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_o
         lines += paired_lines(b, sizes, validation, validation_ids)
         agg = {a: kl(f"{b}/tova_agg/{a}/tova", validation_ids) for a in ("mean", "all")}
         lines.append(f"\nUniform TOVA at {b}, validation KL: within each KV head's group {fmt(agg['mean'])}, "
-                     f"over all query heads (as published) {fmt(agg['all'])}.")
+                     f"over all query heads (as published) {fmt(agg['all'])}; all minus within, paired: "
+                     f"{paired_difference(validation, validation_ids, f'{b}/tova_agg/all/tova', f'{b}/tova_agg/mean/tova')}.")
         lines += lofo_lines(b, kl, held_out_ids)
     text = "\n".join(lines) + "\n"
     (Path(out) / "study.md").write_text(text)
@@ -226,24 +227,37 @@ def study_tables(rows: dict, validation: dict, validation_ids: list[str], held_o
 PAIRED_RESAMPLES = 4000  # the study's few validation samples: twice the evaluation's draws, for steadier ends
 
 
+LEVER_PAIRS = (  # (column, arm/plan, arm/plan): PolyKV made two ways from the same samples
+    ("allocate-route minus route-allocate", "allocate-route/polykv", "route-allocate/polykv"),
+    ("search minus its start (route-allocate)", "refined/polykv", "route-allocate/polykv"),
+    ("search minus allocate-route", "refined/polykv", "allocate-route/polykv"))
+
+
+def paired_difference(validation: dict, ids: list[str], a: str, b: str) -> str:
+    """a's validation KL minus b's over the samples both have, with a 95% bootstrap interval
+    (PAIRED_RESAMPLES draws); "–" when they share none."""
+    x, y = validation.get(a, {}).get("kls", {}), validation.get(b, {}).get("kls", {})
+    common = [i for i in ids if i in x and i in y]
+    if not common:
+        return "–"
+    return report.interval(report.bootstrap_difference({"v": [x[i] for i in common]}, {"v": [y[i] for i in common]},
+                                                       n=PAIRED_RESAMPLES), 4)
+
+
 def paired_lines(budget: int, sizes: list[int], validation: dict, ids: list[str]) -> list[str]:
     """Each plan's validation KL minus its comparison's (report.BASELINE_OF: routing or allocation alone
-    against the best uniform policy, PolyKV against allocation alone), paired over the validation
-    samples with a 95% bootstrap interval (PAIRED_RESAMPLES draws)."""
-    def paired(a: str, b: str) -> str:
-        x, y = validation.get(a, {}).get("kls", {}), validation.get(b, {}).get("kls", {})
-        common = [i for i in ids if i in x and i in y]
-        if not common:
-            return "–"
-        return report.interval(report.bootstrap_difference({"v": [x[i] for i in common]}, {"v": [y[i] for i in common]},
-                                                           n=PAIRED_RESAMPLES), 4)
+    against the best uniform policy, PolyKV against allocation alone), then PolyKV's two orders and
+    the search (LEVER_PAIRS), paired over the validation samples."""
     if not sizes:
         return []
+    paired = lambda a, b: paired_difference(validation, ids, a, b)  # noqa: E731
     arms = [(column, arm, plan) for column, arm, plan in STUDY_ARMS if plan in report.BASELINE_OF]
     rows = [[str(n)] + [paired(f"{budget}/n{n}/{arm}/{plan}", f"{budget}/n{n}/{arm}/{report.BASELINE_OF[plan]}")
                         for _, arm, plan in arms] for n in sizes]
-    return [f"\nPaired over the validation samples (95% bootstrap, {PAIRED_RESAMPLES} resamples), each plan minus its comparison:\n"] + report.table(
-        "n", [f"{column} minus {report.BASELINE_OF[plan].replace('polykv_', '')}" for column, _, plan in arms], rows)
+    levers = [[str(n)] + [paired(f"{budget}/n{n}/{a}", f"{budget}/n{n}/{b}") for _, a, b in LEVER_PAIRS] for n in sizes]
+    return ([f"\nPaired over the validation samples (95% bootstrap, {PAIRED_RESAMPLES} resamples), each plan minus its comparison:\n"]
+            + report.table("n", [f"{column} minus {report.BASELINE_OF[plan].replace('polykv_', '')}" for column, _, plan in arms], rows)
+            + ["\nPolyKV made two ways, paired the same way:\n"] + report.table("n", [c for c, _, _ in LEVER_PAIRS], levers))
 
 
 def lofo_lines(budget: int, kl, held_out_ids: list[str]) -> list[str]:

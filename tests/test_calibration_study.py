@@ -38,6 +38,22 @@ def test_learning_curve_and_leave_one_family_out_exact(tmp_path):
     assert "survives: 83%." in text and (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_orders_search_and_tova_aggregation_are_paired_exactly(tmp_path):
+    """PolyKV's two orders, the search on top and TOVA's two aggregations: each pair's difference
+    per validation sample, with the bootstrap's ends between the samples' own differences."""
+    kl = {"v1": 0.2, "v2": 0.4}
+    scale = {"512/n16/route-allocate": 1.0, "512/n16/allocate-route": 0.5, "512/n16/refined": 0.75}
+    rows = {k: row(k, ["polykv"]) for k in scale}
+    rows |= {f"512/tova_agg/{a}": {"key": f"512/tova_agg/{a}", "budget": 512, "draw": "tova_agg", "arm": a,
+                                   "plans": {"tova": {}}} for a in ("mean", "all")}
+    validation = {f"{k}/polykv": {"kls": {i: x * f for i, x in kl.items()}} for k, f in scale.items()}
+    validation |= {f"512/tova_agg/{a}/tova": {"kls": {i: x * f for i, x in kl.items()}} for a, f in (("mean", 1), ("all", 2))}
+    text = S.study_tables(rows, validation, ["v1", "v2"], [], tmp_path)
+    # allocate-route minus route-allocate: -0.1, -0.2; search minus route-allocate: -0.05, -0.1; minus allocate-route +0.05, +0.1
+    assert "| 16 | -0.1500 [-0.2000, -0.1000] | -0.0750 [-0.1000, -0.0500] | +0.0750 [+0.0500, +0.1000] |" in text
+    assert "over all query heads (as published) 0.6000; all minus within, paired: +0.3000 [+0.2000, +0.4000]." in text
+
+
 def test_a_run_without_learning_curve_draws_writes_no_plot(tmp_path):
     rows = {k: row(k, ["uniform", "polykv"]) for k in ("512/in-family/route-allocate", "512/out-of-family/route-allocate")}
     validation = {f"{k}/{p}": {"key": f"{k}/{p}", "kls": {"h1": 1.0 if p == "uniform" else 0.5}} for k in rows for p in ("uniform", "polykv")}

@@ -19,9 +19,9 @@ both into a static plan per budget.
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
 6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
    selection (policies.pool_span). --span S fits steps 3-5 at span S (the uniform policies too);
-   --spans tries each candidate on the finished plans and keeps the span with PolyKV's lowest
-   in-sample KL (routes and budgets are not refitted). Run on a folder of finished plans, only
-   this last step runs.
+   --spans (which must include S) tries each candidate on the fitted plans and keeps the span with
+   PolyKV's lowest in-sample KL (routes and budgets are not refitted). Run on a folder of plans
+   fitted with the same settings (the same --span), only this step and the validation run.
 7. Validation. Held-out samples score every plan next to the best uniform policy.
 Calibration samples are never evaluation samples: they come from longbench.calibration_pool
 (or RULER seeds of their own), and every id used is written into the plan, which the
@@ -90,6 +90,8 @@ class CalibrationSettings:
                 P.Settings(span=span)  # the one rule for a span
             except ValueError as e:
                 raise ValueError(f"{flag} {span}: {e}") from None
+        if self.spans is not None and self.span not in self.spans:  # else the span step could drop the fitted span
+            raise ValueError(f"--spans {' '.join(map(str, self.spans))} must include --span {self.span}, the span the plans are fitted at")
         # as JSON reads it back (a list): resuming compares the two
         object.__setattr__(self, "spans", [self.span] if self.spans is None else list(self.spans))
 
@@ -269,8 +271,9 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
 def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
                    settings: P.Settings) -> dict[str, K.Plan] | None:
     """The plans of an earlier run with the same model, samples and settings, else None: an
-    interrupted multi-budget run resumes at the first budget it had not written. Their span and
-    --spans may differ (the caller redoes the span step); their calibration_settings read as current."""
+    interrupted multi-budget run resumes at the first budget it had not written. Their chosen span
+    (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
+    (--span) may not; their calibration_settings read as current."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -310,8 +313,8 @@ def parse_args(argv):
     p.add_argument("--span", type=int, default=d.span, help="fit routing and allocation with every policy's scores "
                    "max-pooled over this many neighbours before selection (default: 1, no pooling)")
     p.add_argument("--spans", type=int, nargs="+", default=None, help="candidate spans tried on the fitted plans; "
-                   "the calibration keeps the one with PolyKV's lowest in-sample KL (default: --span alone); on "
-                   "finished plans only this step runs")
+                   "the calibration keeps the one with PolyKV's lowest in-sample KL (must include --span; default: "
+                   "--span alone); on plans fitted at the same --span only this step runs")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import polykv as K
 import report
 
 
@@ -26,8 +27,11 @@ def load_metrics(folder: Path) -> dict:
     path = folder / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (is {folder} a longbench_eval.py --out folder?)")
-    metrics = json.loads(path.read_text())
-    if "per_sample_scores" not in metrics:
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if "per_sample_scores" not in metrics or "sample_ids" not in metrics:
         raise ValueError(f"{path} has no per-sample scores: rerun its longbench_eval.py command to rewrite it")
     return metrics
 
@@ -37,7 +41,7 @@ def scores(metrics: dict, folder: Path, method: str, budget: str) -> dict:
     by_budget = metrics["per_sample_scores"].get(method)
     if by_budget is None:
         raise ValueError(f"{folder}: no method {method!r}; it has {', '.join(metrics['per_sample_scores'])}")
-    key = "full" if method == "fullkv" else budget
+    key = report.score_key(method, budget)
     if key not in by_budget:
         raise ValueError(f"{folder}: {method} has no budget {budget}; it has {', '.join(by_budget)}")
     return by_budget[key]
@@ -72,7 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("new", type=Path, help="folder of the A side")
     p.add_argument("old", type=Path, help="folder of the B side (and of FullKV)")
     p.add_argument("--pairs", nargs="+", required=True, help="A:B (A of NEW minus B of OLD), m (= m:m); B may be 'best'")
-    p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--budget", type=int, default=K.DEFAULT_BUDGET)
     args = p.parse_args(argv)
     lines = compare(args.new, args.old, args.pairs, args.budget)
     print(f"{args.new} minus {args.old}, budget {args.budget}, paired by sample:", *lines, sep="\n")

@@ -47,7 +47,9 @@ def calibration_table(plan_dir: Path) -> str:
         if not plans:
             continue
         first = next(iter(plans.values()))
-        cal, span = first.info["calibration"], f", span {first.settings.span}" if first.settings.span > 1 else ""
+        fitted = (K.calibration_settings(first.info) or {}).get("span", 1)
+        span = (f", span {first.settings.span}" if first.settings.span > 1 else "") + (f" (fitted at {fitted})" if fitted > 1 else "")
+        cal = first.info["calibration"]
         rows.append(f"| {budget}{span} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
                     f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} | |")
         for name, plan in plans.items():
@@ -107,6 +109,11 @@ def fidelity(records: list[dict], full: list[list[int]]) -> dict:
             "tf_agreement": mean_of("tf_agreement"), "tf_kl": mean_of("tf_kl")}
 
 
+def score_key(method: str, budget) -> str:
+    """Where metrics.json keeps a method's scores: FullKV under "full" (it has no budget), others under the budget."""
+    return "full" if method == "fullkv" else str(budget)
+
+
 def compute_metrics(records: dict, samples: list, runs: list, header: dict, sample_scores) -> dict:
     """Task scores, fidelity, gap recovery and bootstrap intervals of every run on these samples.
     sample_scores(task, predictions, answers_list, all_classes) is the benchmark's scorer."""
@@ -117,7 +124,7 @@ def compute_metrics(records: dict, samples: list, runs: list, header: dict, samp
     scores, fid, per_sample, tf_kl = {}, {}, {}, {}
     by_task = {t: [s for s in samples if s["dataset"] == t] for t in tasks}
     for method, budget, _ in runs:
-        key = "full" if budget is None else str(budget)
+        key = score_key(method, budget)
         per_sample[method, key] = {t: sample_scores(t, [rec(s, method, budget)["prediction"] for s in ss],
                                                     [s["answers"] for s in ss], ss[0]["all_classes"])
                                    for t, ss in by_task.items()}
@@ -282,7 +289,7 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
     scores, fid, gaps, diffs = metrics["scores"], metrics["fidelity"], metrics["gap_recovery"], metrics.get("score_differences", {})
     cell = lambda m, k: (f"{scores[m][k]['average']:.2f} / {fid[m][k]['prefix_agreement']:.2f} / "  # noqa: E731
                          f"{fmt(fid[m][k]['tf_agreement'])}" if k in scores[m] else "–")
-    rows = [[m] + [cell(m, "full" if m == "fullkv" else str(b)) for b in budgets] for m in scores]
+    rows = [[m] + [cell(m, score_key(m, b)) for b in budgets] for m in scores]
     for name in [m for m in scores if K.is_plan_method(m)]:
         found = [gaps.get(str(b), {}).get(name) for b in budgets]
         if any(found):
@@ -320,7 +327,7 @@ def budget_table(metrics: dict, b: int) -> list[str]:
     """Every method at one budget: per-task scores, the average, and agreement with FullKV."""
     tasks, rows = metrics["tasks"], []
     for m, per in metrics["scores"].items():
-        key = "full" if m == "fullkv" else str(b)
+        key = score_key(m, b)
         if key in per:
             s, f = per[key], metrics["fidelity"][m][key]
             rows.append([m] + [f"{s['tasks'][t]:.1f}" for t in tasks] + [

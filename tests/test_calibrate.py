@@ -457,14 +457,19 @@ def test_span_fits_every_signal_at_that_span(tiny_checkpoint, longbench_dir, tmp
     polykv = K.load_plan(paths[48]["polykv"])
     cal = polykv.info["calibration"]
     assert polykv.settings.span == cal["span"] == polykv.info["calibration_settings"]["span"] == 5
+    assert "| 48, span 5 (fitted at 5) | uniform " in report.calibration_table(tmp_path)
     for policy, kl in cal["uniform_kl"].items():  # the uniform step ran at span 5, not 1
         at = lambda span: C.mean(true_kls(model, refs, K.Plan([policy] * 2, [48] * 2,  # noqa: E731
                                                                settings=P.Settings(span=span))))
         assert kl == pytest.approx(at(5), rel=1e-5)
     assert any(kl != pytest.approx(C.mean(true_kls(model, refs, K.Plan([p] * 2, [48] * 2))), rel=1e-3)
                for p, kl in cal["uniform_kl"].items())  # and span 5 differs from span 1 somewhere
-    unfitted = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, replace(cs, span=1), P.Settings(), longbench_dir)
-    assert K.load_plan(unfitted[48]["polykv"]).info["calibration_settings"]["span"] == 1  # recalibrated, not kept
+    seen.clear()  # plans fitted at span 5 are not resumed at span 1: every signal is measured again, at span 1
+    unfitted = K.load_plan(C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, replace(cs, span=1, spans=None),
+                                 P.Settings(), longbench_dir)[48]["polykv"])
+    assert seen == {1} and unfitted.settings.span == unfitted.info["calibration_settings"]["span"] == 1
+    for policy, kl in unfitted.info["calibration"]["uniform_kl"].items():
+        assert kl == pytest.approx(C.mean(true_kls(model, refs, K.Plan([policy] * 2, [48] * 2))), rel=1e-5)
     args = C.parse_args(["--span", "5"])  # the command line: --span alone is not overridden by a --spans default
     assert C.CalibrationSettings(**{f: getattr(args, f) for f in C.CalibrationSettings.__dataclass_fields__}
                                  | {"max_length": 200}).spans == [5]
@@ -473,6 +478,8 @@ def test_span_fits_every_signal_at_that_span(tiny_checkpoint, longbench_dir, tmp
 def test_bad_spans_fail_before_any_work():
     with pytest.raises(ValueError, match="--span 2: settings.span must be a positive odd number, got 2"):
         C.CalibrationSettings(span=2)
+    with pytest.raises(ValueError, match="--spans 1 3 must include --span 15, the span the plans are fitted at"):
+        C.CalibrationSettings(span=15, spans=[1, 3])  # the span step could otherwise drop the fitted span
     with pytest.raises(ValueError, match="--spans 4: settings.span must be a positive odd number, got 4"):
         C.CalibrationSettings(spans=[1, 4])
     with pytest.raises(ValueError, match="--spans 3.0: settings.span must be an integer"):

@@ -29,7 +29,10 @@ def test_pairs_methods_across_folders_with_exact_values(tmp_path):
     assert lines[0] == (f"polykv 75.0 minus knorm 25.0: +50.0 [{d[1]:+.1f}, {d[2]:+.1f}], score gap recovery 66.7% "
                         f"[{report.pct(report.bootstrap_gap_recovery(a, b, FULL)[1])}, "
                         f"{report.pct(report.bootstrap_gap_recovery(a, b, FULL)[2])}]")
-    assert lines[1].startswith("knorm 50.0 minus knorm 25.0: +25.0 [")  # the same method, with and without a setting
+    d = report.bootstrap_difference(span["knorm"]["512"], b)  # the same method, with and without a setting
+    r = report.bootstrap_gap_recovery(span["knorm"]["512"], b, FULL)
+    assert lines[1] == (f"knorm 50.0 minus knorm 25.0: +25.0 [{d[1]:+.1f}, {d[2]:+.1f}], score gap recovery 33.3% "
+                        f"[{report.pct(r[1])}, {report.pct(r[2])}]")
 
 
 def test_refuses_what_cannot_be_paired(tmp_path):
@@ -43,3 +46,12 @@ def test_refuses_what_cannot_be_paired(tmp_path):
         compare.compare(new, new, ["knorm"], 256)
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         compare.compare(tmp_path / "missing", new, ["knorm"], 512)
+    with pytest.raises(ValueError, match="no best baseline at budget 256"):
+        compare.compare(new, new, ["knorm:best"], 256)
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_run" / "metrics.json").write_text(json.dumps({"scores": {}}))  # written before per-sample scores
+    with pytest.raises(ValueError, match="old_run/metrics.json has no per-sample scores"):
+        compare.compare(new, tmp_path / "old_run", ["knorm"], 512)
+    (tmp_path / "old_run" / "metrics.json").write_text('{"scores": ')  # torn
+    with pytest.raises(ValueError, match="old_run/metrics.json: not JSON"):
+        compare.compare(new, tmp_path / "old_run", ["knorm"], 512)

@@ -64,10 +64,9 @@ def compare(new: Path, old: Path, pairs: list[str], budget: int) -> list[str]:
                 raise ValueError(f"{old}: no best baseline at budget {b}")
             b_name = best
         a, base = scores(a_metrics, new, a_name, b), scores(b_metrics, old, b_name, b)
-        rec = report.bootstrap_gap_recovery(a, base, full)
         lines.append(f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
                      f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "
-                     f"{report.pct(rec[0])} [{report.pct(rec[1])}, {report.pct(rec[2])}]")
+                     f"{report.pct_interval(report.bootstrap_gap_recovery(a, base, full))}")
     return lines
 
 

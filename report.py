@@ -278,6 +278,11 @@ def interval(d: list[float], digits: int = 2) -> str:
     return f"{d[0]:+.{digits}f} [{d[1]:+.{digits}f}, {d[2]:+.{digits}f}]"
 
 
+def pct_interval(g: list | None) -> str:
+    """A gap recovery [share, low, high] as percentages; "–" where there is none (open ends: "–" too)."""
+    return "–" if g is None or g[0] is None else f"{pct(g[0])} [{pct(g[1])}, {pct(g[2])}]"
+
+
 def table(first: str, columns: list, rows: list[list[str]]) -> list[str]:
     """A markdown table: a header row, its rule, then the rows."""
     return ([f"| {first} | " + " | ".join(map(str, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -304,7 +309,6 @@ def summary_tables(metrics: dict, budgets: list[int]) -> list[str]:
              for n in scores if K.is_plan_method(n) and any(n in at(b) for b in budgets)]
     lines += [f"\n### Summary: average score minus the best baseline's (points), 95% paired bootstrap interval "
               f"over samples ({BOOTSTRAP_RESAMPLES} resamples within tasks)\n"] + table("method", budgets, rows)
-    pct_interval = lambda g: "–" if g is None or g[0] is None else f"{pct(g[0])} [{pct(g[1])}, {pct(g[2])}]"  # noqa: E731
     rows = [[n] + [pct_interval(at(b).get(n, {}).get("gap_recovery")) for b in budgets]
             for n in scores if K.is_plan_method(n) and any(at(b).get(n, {}).get("gap_recovery") for b in budgets)]
     if rows:

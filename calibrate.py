@@ -15,7 +15,11 @@ both into a static plan per budget.
    quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
 4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
-5. Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
+5. Confirmation (--confirm-routing, optional): each layer the single-layer preference routes away from
+   the best uniform policy keeps its route only if the switch also lowers the *joint* KL (every layer
+   compressed). Run on a folder of plans made with the same settings without it, only this step, the
+   span step and the validation run.
+   Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
 6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
    selection (policies.pool_span). --span S fits steps 3-5 at span S (the uniform policies too);
@@ -51,6 +55,9 @@ from search import allocation_moves, mean, routing_moves, search
 ROOT = Path(__file__).resolve().parent
 
 
+LATER_STEPS = ("spans", "confirm_routing")  # settings of steps that can run on plans made without them
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """The calibration's knobs: the one place their defaults are written."""
@@ -68,6 +75,7 @@ class CalibrationSettings:
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
     span: int = 1  # policies.Settings.span the routes and budgets are fitted at (1: scores as the policies give them)
     spans: list[int] | None = None  # candidate spans of the last step (see choose_span); None: [span], no choice
+    confirm_routing: bool = False  # keep a layer's route only where it lowers the joint KL (see confirm_routing)
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -134,11 +142,16 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
 # One budget: the paper's plans, optionally refined, and their validation
 
 
+def joint_objective(model, refs: list[O.Reference], settings: P.Settings):
+    """objective(policies, budgets) -> the joint KL per calibration sample, every layer compressed."""
+    return lambda policies, budgets: O.sample_kls(model, refs, K.Plan(policies, budgets, settings=settings))
+
+
 def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference], average: int,
                      cs: CalibrationSettings, settings: P.Settings) -> tuple[dict[str, dict], P.Settings]:
     """({plan name: {policies, budgets, calibration record}}, their settings) for one target average budget."""
     n, settings = model.cfg.n_layers, replace(settings, span=cs.span)  # every signal below is measured at the span
-    objective = lambda p, b: O.sample_kls(model, refs, K.Plan(p, b, settings=settings))  # noqa: E731
+    objective = joint_objective(model, refs, settings)
     layer_kl = lambda l, p, b: mean(O.single_layer_kl(model, r, l, p, b, settings) for r in refs)  # noqa: E731
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low, longest = settings.window, max(r.cache.lengths[0] for r in refs)
@@ -147,20 +160,51 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
     best = min(uniform, key=uniform.get)
     table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best], "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
-    out = {}
-    for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high,
-                                                          cs.order).items():
-        record = {**table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}
-        if cs.refine:
-            sens = signals["sensitivity"] or K.sensitivity(layer_kl, policies, signals["sensitivity_budget"])
-            order = sorted(range(n), key=lambda l: -sens[l])
-            moves = {"polykv": routing_moves() + allocation_moves(order, cs.quantum, low, high),
-                     "polykv_routing": routing_moves(),
-                     "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
-            policies, budgets, _, record["search_trace"] = search(objective, policies, budgets, order, moves,
-                                                                  cs.max_evals, min_win_share=cs.min_win_share)
-        out[name] = {"policies": policies, "budgets": budgets, "calibration": record}
+    out = {name: {"policies": policies, "budgets": budgets, "calibration": {
+               **table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}}
+           for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high, cs.order).items()}
+    if cs.confirm_routing:
+        confirm_plans(objective, out, cs.min_win_share)
+    for name, plan in out.items() if cs.refine else ():
+        signals = plan["calibration"]["signals"]
+        sens = signals["sensitivity"] or K.sensitivity(layer_kl, plan["policies"], signals["sensitivity_budget"])
+        order = sorted(range(n), key=lambda l: -sens[l])
+        moves = {"polykv": routing_moves() + allocation_moves(order, cs.quantum, low, high),
+                 "polykv_routing": routing_moves(),
+                 "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
+        plan["policies"], plan["budgets"], _, plan["calibration"]["search_trace"] = search(
+            objective, plan["policies"], plan["budgets"], order, moves, cs.max_evals, min_win_share=cs.min_win_share)
     return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
+
+
+def confirm_plans(objective, plans: dict[str, dict], min_win_share: float) -> None:
+    """--confirm-routing on a budget's plans, in place: each routed plan's routes confirmed on the
+    joint objective (confirm_routing), the trace in its record."""
+    for name, plan in plans.items():
+        cal = plan["calibration"]
+        if cal["signals"]["preference"]:  # allocation alone routes nothing
+            routed = sum(p != cal["best_uniform"] for p in plan["policies"])
+            plan["policies"], cal["confirmation_trace"] = confirm_routing(
+                objective, plan["policies"], plan["budgets"], cal["best_uniform"], cal["signals"]["preference"],
+                min_win_share)
+            kept = [t["step"] for t in cal["confirmation_trace"][1:-1]]
+            print(f"{name}: {len(kept)} of {routed} routes confirmed on the joint KL: {', '.join(kept) or 'none'}")
+
+
+def confirm_routing(objective, routed: list[str], budgets: list[int], best: str, preference: list[dict],
+                    min_win_share: float) -> tuple[list[str], list[dict]]:
+    """Routing confirmed on the joint objective: from the best uniform policy at the plan's budgets,
+    each layer the single-layer preference routes elsewhere switches to its route, the largest
+    single-layer gain first, and keeps it only if the joint KL (every layer compressed) falls on
+    average and on most samples (search.is_better). A preference measured with every other layer
+    keeping its whole cache need not hold once they are compressed too; this keeps the routes that do.
+    Returns (policies, trace); one joint evaluation per routed layer, and one for the start."""
+    gain = lambda l: preference[l][best] - preference[l][routed[l]]  # noqa: E731
+    order = sorted((l for l, p in enumerate(routed) if p != best), key=gain, reverse=True)
+    switch = lambda l, policies, b: (K.reroute(policies, l, routed[l]), b, f"layer {l} -> {routed[l]}")  # noqa: E731
+    policies, _, _, trace = search(objective, [best] * len(routed), budgets, order, [switch],
+                                   max_evals=len(order) + 1, max_sweeps=1, min_win_share=min_win_share)
+    return policies, trace
 
 
 def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,
@@ -230,14 +274,15 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
         tasks: tuple[str, ...] = ()) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
     (out_dir/budget<B>/<name>.json). A budget already written with the same settings is kept; one
-    written with the same settings but other --spans gets only the span step."""
+    written with the same settings but other --spans gets only the span step (and, without
+    --confirm-routing, asked for now, the confirmation first)."""
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data, **({"tasks": list(tasks)} if tasks else {}),
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
     model_name = CK.model_name(model_dir)  # a Hugging Face cache snapshot is named by its repository, not its commit
     finished = {b: done for b in budgets if (done := finished_plans(out_dir, b, model_name, record, settings))}
     paths = {b: {n: K.plan_path(out_dir, b, n) for n in done} for b, done in finished.items()
-             if all(p.info["calibration_settings"]["spans"] == cs.spans for p in done.values())}
+             if all(p.info["calibration_settings"][k] == getattr(cs, k) for k in LATER_STEPS for p in done.values())}
     if paths:
         print(f"already calibrated with these settings (kept): budgets {sorted(paths)} in {out_dir}")
     if not [b for b in budgets if b not in paths]:
@@ -247,11 +292,15 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references", bench)
     val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references", bench)
     for average in [b for b in budgets if b not in paths]:
-        if average in finished:  # the plans are made: only the span step
-            print(f"[{average}] plans made with these settings in {out_dir}: the span step only")
-            plans, chosen = choose_span(model, refs, val_refs, {n: {"policies": p.policies, "budgets": p.budgets,
-                                        "calibration": p.info["calibration"]} for n, p in finished[average].items()},
-                                        average, settings, cs.spans)
+        if average in finished:  # the plans are made: only the later steps
+            plans = {n: {"policies": p.policies, "budgets": p.budgets, "calibration": p.info["calibration"]}
+                     for n, p in finished[average].items()}
+            confirm = cs.confirm_routing and not finished[average]["polykv"].info["calibration_settings"]["confirm_routing"]
+            print(f"[{average}] plans made with these settings in {out_dir}: "
+                  + ("the confirmation and " if confirm else "") + "the span step only")
+            if confirm:
+                confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, cs.min_win_share)
+            plans, chosen = choose_span(model, refs, val_refs, plans, average, settings, cs.spans)
         else:
             plans, chosen = calibrate_budget(model, refs, val_refs, average, cs, settings)
         paths[average] = {}
@@ -273,7 +322,9 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     """The plans of an earlier run with the same model, samples and settings, else None: an
     interrupted multi-budget run resumes at the first budget it had not written. Their chosen span
     (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
-    (--span) may not; their calibration_settings read as current."""
+    (--span) may not; plans made without --confirm-routing serve a run with it (the caller confirms
+    their routes) unless refined (the search started from the unconfirmed routes), not the reverse.
+    Their calibration_settings read as current."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -282,10 +333,11 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
         p.info["calibration_settings"] = K.calibration_settings(p.info)
     if any(p.info["calibration_settings"] is None for p in plans.values()):  # written by hand
         return None
-    spans_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"], "spans": None}}  # noqa: E731
+    later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"], **dict.fromkeys(LATER_STEPS)}}  # noqa: E731
     same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
-               and all(spans_aside(p.info).get(k) == v for k, v in spans_aside(record).items()) for p in plans.values())
-    return plans if same else None
+               and all(later_aside(p.info).get(k) == v for k, v in later_aside(record).items()) for p in plans.values())
+    confirmed, asked = plans["polykv"].info["calibration_settings"]["confirm_routing"], record["calibration_settings"]["confirm_routing"]
+    return plans if same and (confirmed == asked or asked and not record["calibration_settings"]["refine"]) else None
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -317,6 +369,8 @@ def parse_args(argv):
                    "--span alone); on plans fitted at the same --span only this step runs")
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
+    p.add_argument("--confirm-routing", action="store_true", help="keep a layer's routed policy only where it lowers "
+                   "the joint KL (every layer compressed); on plans made without it, only this step and the span step run")
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")

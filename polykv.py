@@ -185,9 +185,11 @@ def load_plan(path: str | Path, n_layers: int | None = None, n_kv: int | None = 
 def calibration_settings(info: dict) -> dict | None:
     """The calibration settings a plan's (or a study's) record holds (None for a plan written by hand).
     Calibrations run before a setting existed ran with its first value, and are read so here:
-    query-aware, each layer's budget at most 4x the average, fitted at span 1, no span step."""
+    query-aware, each layer's budget at most 4x the average, fitted at span 1, no span step, routes
+    not confirmed."""
     recorded = info.get("calibration_settings")
-    return None if recorded is None else {"query": "aware", "max_ratio": 4.0, "span": 1, "spans": [1], **recorded}
+    return None if recorded is None else {"query": "aware", "max_ratio": 4.0, "span": 1, "spans": [1],
+                                          "confirm_routing": False, **recorded}
 
 
 def is_plan_method(method: str) -> bool:

@@ -47,8 +47,10 @@ def calibration_table(plan_dir: Path) -> str:
         if not plans:
             continue
         first = next(iter(plans.values()))
-        fitted = (K.calibration_settings(first.info) or {}).get("span", 1)
+        recorded = K.calibration_settings(first.info) or {}
+        fitted = recorded.get("span", 1)
         span = (f", span {first.settings.span}" if first.settings.span > 1 else "") + (f" (fitted at {fitted})" if fitted > 1 else "")
+        span += ", routes confirmed" if recorded.get("confirm_routing") else ""
         cal = first.info["calibration"]
         rows.append(f"| {budget}{span} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
                     f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} | |")

@@ -487,3 +487,72 @@ def test_bad_spans_fail_before_any_work():
     with pytest.raises(ValueError, match="--spans needs at least one span"):
         C.CalibrationSettings(spans=[])
     assert C.CalibrationSettings(spans=(1, 3)).spans == [1, 3]  # a list, as the plans' JSON reads back
+
+
+def test_confirmation_keeps_only_the_routes_that_lower_the_joint_kl():
+    """Layers 0 and 2 are routed away from h2o; jointly only layer 0's route helps (on both samples),
+    layer 2's hurts: the confirmed plan keeps layer 0's route, largest single-layer gain tried first."""
+    routed, budgets = ["tova", "h2o", "snapkv", "h2o"], [64, 32, 96, 64]
+    preference = [{"h2o": 0.5, "tova": 0.1}, {"h2o": 0.2}, {"h2o": 0.9, "snapkv": 0.2}, {"h2o": 0.3}]
+    seen = []
+
+    def objective(policies, b):
+        assert b == budgets  # the plan's budgets are kept
+        seen.append(list(policies))
+        cost = 1.0 - 0.3 * (policies[0] == "tova") + 0.2 * (policies[2] == "snapkv")
+        return [cost, cost + 0.1]
+    policies, trace = C.confirm_routing(objective, routed, budgets, "h2o", preference, 0.5)
+    assert policies == ["tova", "h2o", "h2o", "h2o"]
+    assert seen == [["h2o"] * 4, ["h2o", "h2o", "snapkv", "h2o"], ["tova", "h2o", "h2o", "h2o"]]  # gain 0.7, then 0.4
+    assert [t["step"] for t in trace] == ["start", "layer 0 -> tova", "end"] and trace[-1]["evaluations"] == 3
+    assert C.confirm_routing(objective, ["h2o"] * 4, budgets, "h2o", preference, 0.5)[0] == ["h2o"] * 4
+
+
+def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_checkpoint, longbench_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Single-layer signals route layer 0 to TOVA and layer 1 to SnapKV; jointly only TOVA on layer 0
+    helps (and K-norm is the best uniform policy): --confirm-routing keeps that route alone. On plans
+    made without it, only the confirmation and the span step run, and give what a fresh run gives;
+    confirmed plans never serve a run without it, nor unconfirmed refined ones a run with it."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    true_single, true_kls = O.single_layer_kl, O.sample_kls
+    joint_cost = [{"knorm": 0, "tova": -1, "snapkv": 3}, {"knorm": 0, "tova": 2, "snapkv": 3}]
+    monkeypatch.setattr(O, "single_layer_kl", lambda m, r, l, p, *a: true_single(m, r, l, p, *a)
+                        + 10 * (p != ("tova", "snapkv")[l]))
+    monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: [kl + 10 * sum(
+        joint_cost[l].get(p, 2) for l, p in enumerate(plan.policies)) for kl in true_kls(m, refs, plan)])
+    fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", replace(cs, confirm_routing=True),
+                  P.Settings(), longbench_dir)
+    assert "polykv: 1 of 2 routes confirmed on the joint KL: layer 0 -> tova" in capsys.readouterr().out
+    for name in ("polykv", "polykv_routing"):
+        plan = K.load_plan(fresh[48][name])
+        assert plan.policies == ["tova", "knorm"] and plan.info["calibration"]["best_uniform"] == "knorm"
+        assert [min(row, key=row.get) for row in plan.info["calibration"]["signals"]["preference"]] == ["tova", "snapkv"]
+    assert "| 48, routes confirmed | uniform knorm | " in report.calibration_table(tmp_path / "fresh")
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", cs, P.Settings(), longbench_dir)
+    assert K.load_plan(tmp_path / "resumed" / "budget48" / "polykv.json").policies == ["tova", "snapkv"]
+    capsys.readouterr()
+
+    class Recalibrated(Exception):
+        pass
+
+    with monkeypatch.context() as m:
+        m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
+        resumed = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True),
+                        P.Settings(), longbench_dir)
+        assert "the confirmation and the span step only" in capsys.readouterr().out
+        for name, path in resumed[48].items():
+            again, plan = K.load_plan(path), K.load_plan(fresh[48][name])
+            assert (again.policies, again.budgets) == (plan.policies, plan.budgets)
+            assert again.info["calibration"]["validation_kls"] == pytest.approx(plan.info["calibration"]["validation_kls"])
+            assert again.info["calibration_settings"]["confirm_routing"]
+        m.setattr(C, "calibrate_budget", lambda *a, **k: (_ for _ in ()).throw(Recalibrated()))
+        with pytest.raises(Recalibrated):  # confirmed plans, asked without: made again
+            C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", cs, P.Settings(), longbench_dir)
+    refined = replace(cs, refine=True, max_evals=3)
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "refined", refined, P.Settings(), longbench_dir)
+    with monkeypatch.context() as m, pytest.raises(Recalibrated):  # refined from unconfirmed routes: made again
+        m.setattr(C, "calibrate_budget", lambda *a, **k: (_ for _ in ()).throw(Recalibrated()))
+        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "refined", replace(refined, confirm_routing=True),
+              P.Settings(), longbench_dir)

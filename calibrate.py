@@ -15,10 +15,10 @@ both into a static plan per budget.
    quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
 4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
-5. Confirmation (--confirm-routing, optional): each layer the single-layer preference routes away from
-   the best uniform policy keeps its route only if the switch also lowers the *joint* KL (every layer
-   compressed). Run on a folder of plans made with the same settings without it, only this step, the
-   span step and the validation run.
+5. Confirmation (--confirm-routing, optional; search.py): a layer the single-layer preference routes
+   away from the best uniform policy keeps its route only if the switch also lowers the *joint* KL
+   (every layer compressed). On a folder of plans made with the same settings without it, only this
+   step, the span step and the validation run.
    Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
 6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
@@ -50,7 +50,7 @@ import report
 import ruler as R
 import run_folder as RF
 from run_settings import MAX_LENGTH
-from search import allocation_moves, mean, routing_moves, search
+from search import allocation_moves, confirm_routing, mean, routing_moves, search
 
 ROOT = Path(__file__).resolve().parent
 
@@ -189,22 +189,6 @@ def confirm_plans(objective, plans: dict[str, dict], min_win_share: float) -> No
                 min_win_share)
             kept = [t["step"] for t in cal["confirmation_trace"][1:-1]]
             print(f"{name}: {len(kept)} of {routed} routes confirmed on the joint KL: {', '.join(kept) or 'none'}")
-
-
-def confirm_routing(objective, routed: list[str], budgets: list[int], best: str, preference: list[dict],
-                    min_win_share: float) -> tuple[list[str], list[dict]]:
-    """Routing confirmed on the joint objective: from the best uniform policy at the plan's budgets,
-    each layer the single-layer preference routes elsewhere switches to its route, the largest
-    single-layer gain first, and keeps it only if the joint KL (every layer compressed) falls on
-    average and on most samples (search.is_better). A preference measured with every other layer
-    keeping its whole cache need not hold once they are compressed too; this keeps the routes that do.
-    Returns (policies, trace); one joint evaluation per routed layer, and one for the start."""
-    gain = lambda l: preference[l][best] - preference[l][routed[l]]  # noqa: E731
-    order = sorted((l for l, p in enumerate(routed) if p != best), key=gain, reverse=True)
-    switch = lambda l, policies, b: (K.reroute(policies, l, routed[l]), b, f"layer {l} -> {routed[l]}")  # noqa: E731
-    policies, _, _, trace = search(objective, [best] * len(routed), budgets, order, [switch],
-                                   max_evals=len(order) + 1, max_sweeps=1, min_win_share=min_win_share)
-    return policies, trace
 
 
 def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,

@@ -1,9 +1,9 @@
 """
-The optional refinement of a calibration (calibrate.py --refine): coordinate descent on the
-joint objective, with every layer compressed. From the paper's plan, each layer in turn tries
-each move (switch its policy; shift a quantum of budget to or from another layer), and a move
-is kept only if it lowers the KL on average and on most samples. Generic over the objective,
-so it is tested on constructed ones.
+The optional steps of a calibration on the joint objective, with every layer compressed.
+--refine: coordinate descent from the paper's plan; each layer in turn tries each move (switch
+its policy; shift a quantum of budget to or from another layer). --confirm-routing: one move per
+routed layer, back to its route from the best uniform policy. A move is kept only if it lowers
+the KL on average and on most samples. Generic over the objective, so tested on constructed ones.
 """
 from __future__ import annotations
 
@@ -72,3 +72,19 @@ def search(objective, policies: list[str], budgets: list[int], order: list[int],
             break
     trace.append({"step": "end", "kl": mean(best), "evaluations": evals})
     return policies, budgets, mean(best), trace
+
+
+def confirm_routing(objective, routed: list[str], budgets: list[int], best: str, preference: list[dict],
+                    min_win_share: float) -> tuple[list[str], list[dict]]:
+    """Routing confirmed on the joint objective: from the best uniform policy at the plan's budgets,
+    each layer the single-layer preference routes elsewhere switches to its route, the largest
+    single-layer gain first, and keeps it only if the joint KL (every layer compressed) falls on
+    average and on most samples (is_better). A preference measured with every other layer
+    keeping its whole cache need not hold once they are compressed too; this keeps the routes that do.
+    Returns (policies, trace); one joint evaluation per routed layer, and one for the start."""
+    gain = lambda l: preference[l][best] - preference[l][routed[l]]  # noqa: E731
+    order = sorted((l for l, p in enumerate(routed) if p != best), key=gain, reverse=True)
+    switch = lambda l, policies, b: (K.reroute(policies, l, routed[l]), b, f"layer {l} -> {routed[l]}")  # noqa: E731
+    policies, _, _, trace = search(objective, [best] * len(routed), budgets, order, [switch],
+                                   max_evals=len(order) + 1, max_sweeps=1, min_win_share=min_win_share)
+    return policies, trace

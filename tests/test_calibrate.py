@@ -501,11 +501,11 @@ def test_confirmation_keeps_only_the_routes_that_lower_the_joint_kl():
         seen.append(list(policies))
         cost = 1.0 - 0.3 * (policies[0] == "tova") + 0.2 * (policies[2] == "snapkv")
         return [cost, cost + 0.1]
-    policies, trace = C.confirm_routing(objective, routed, budgets, "h2o", preference, 0.5)
+    policies, trace = S.confirm_routing(objective, routed, budgets, "h2o", preference, 0.5)
     assert policies == ["tova", "h2o", "h2o", "h2o"]
     assert seen == [["h2o"] * 4, ["h2o", "h2o", "snapkv", "h2o"], ["tova", "h2o", "h2o", "h2o"]]  # gain 0.7, then 0.4
     assert [t["step"] for t in trace] == ["start", "layer 0 -> tova", "end"] and trace[-1]["evaluations"] == 3
-    assert C.confirm_routing(objective, ["h2o"] * 4, budgets, "h2o", preference, 0.5)[0] == ["h2o"] * 4
+    assert S.confirm_routing(objective, ["h2o"] * 4, budgets, "h2o", preference, 0.5)[0] == ["h2o"] * 4
 
 
 def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_checkpoint, longbench_dir, tmp_path,

@@ -17,8 +17,8 @@ both into a static plan per budget.
    PolyKV = both, in the order set by `CalibrationSettings.order`; each ablation = one of them.
 5. Confirmation (--confirm-routing, optional; search.py): a layer the single-layer preference routes
    away from the best uniform policy keeps its route only if the switch also lowers the *joint* KL
-   (every layer compressed). On a folder of plans made with the same settings without it, only this
-   step, the span step and the validation run.
+   (every layer compressed). On a folder of plans made with the same settings without it (and not
+   refined), only this step, the span step and the validation run.
    Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
    objective (every layer compressed) moves single layers' policies and budget quanta from that start.
 6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
@@ -55,7 +55,7 @@ from search import allocation_moves, confirm_routing, mean, routing_moves, searc
 ROOT = Path(__file__).resolve().parent
 
 
-LATER_STEPS = ("spans", "confirm_routing")  # settings of steps that can run on plans made without them
+LATER_STEPS = ("spans", "confirm_routing")  # steps that can run on plans made without them (see finished_plans)
 
 
 @dataclass(frozen=True)
@@ -164,31 +164,39 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
                **table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}}
            for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high, cs.order).items()}
     if cs.confirm_routing:
-        confirm_plans(objective, out, cs.min_win_share)
-    for name, plan in out.items() if cs.refine else ():
+        confirm_plans(objective, out, average, cs.min_win_share)
+    if cs.refine:
+        refine_plans(objective, layer_kl, out, cs, low, high)
+    return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
+
+
+def confirm_plans(objective, plans: dict[str, dict], average: int, min_win_share: float) -> None:
+    """--confirm-routing on a budget's plans, in place: each routed plan's routes confirmed on the
+    joint objective (search.confirm_routing), the trace in its record. The budgets stay (with --order
+    route-allocate: allocated from the routed policies' sensitivities, confirmed or not)."""
+    for name, plan in plans.items():
+        cal, best = plan["calibration"], plan["calibration"]["best_uniform"]
+        if cal["signals"]["preference"]:  # allocation alone routes nothing
+            n_routed = sum(p != best for p in plan["policies"])
+            plan["policies"], cal["confirmation_trace"] = confirm_routing(
+                objective, plan["policies"], plan["budgets"], best, cal["signals"]["preference"], min_win_share)
+            kept = [f"layer {l} -> {p}" for l, p in enumerate(plan["policies"]) if p != best]
+            print(f"[{average}] {name}: {len(kept)} of {n_routed} routes confirmed on the joint KL: {', '.join(kept) or 'none'}")
+
+
+def refine_plans(objective, layer_kl: K.LayerKL, plans: dict[str, dict], cs: CalibrationSettings,
+                 low: int, high: int) -> None:
+    """--refine on a budget's plans, in place: the search (search.py) from each plan, its moves
+    those of the plan's lever (PolyKV: both), layers tried most sensitive first; the trace in its record."""
+    for name, plan in plans.items():
         signals = plan["calibration"]["signals"]
         sens = signals["sensitivity"] or K.sensitivity(layer_kl, plan["policies"], signals["sensitivity_budget"])
-        order = sorted(range(n), key=lambda l: -sens[l])
+        order = sorted(range(len(sens)), key=lambda l: -sens[l])
         moves = {"polykv": routing_moves() + allocation_moves(order, cs.quantum, low, high),
                  "polykv_routing": routing_moves(),
                  "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
         plan["policies"], plan["budgets"], _, plan["calibration"]["search_trace"] = search(
             objective, plan["policies"], plan["budgets"], order, moves, cs.max_evals, min_win_share=cs.min_win_share)
-    return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
-
-
-def confirm_plans(objective, plans: dict[str, dict], min_win_share: float) -> None:
-    """--confirm-routing on a budget's plans, in place: each routed plan's routes confirmed on the
-    joint objective (confirm_routing), the trace in its record."""
-    for name, plan in plans.items():
-        cal = plan["calibration"]
-        if cal["signals"]["preference"]:  # allocation alone routes nothing
-            routed = sum(p != cal["best_uniform"] for p in plan["policies"])
-            plan["policies"], cal["confirmation_trace"] = confirm_routing(
-                objective, plan["policies"], plan["budgets"], cal["best_uniform"], cal["signals"]["preference"],
-                min_win_share)
-            kept = [t["step"] for t in cal["confirmation_trace"][1:-1]]
-            print(f"{name}: {len(kept)} of {routed} routes confirmed on the joint KL: {', '.join(kept) or 'none'}")
 
 
 def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,
@@ -258,8 +266,8 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
         tasks: tuple[str, ...] = ()) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
     (out_dir/budget<B>/<name>.json). A budget already written with the same settings is kept; one
-    written with the same settings but other --spans gets only the span step (and, without
-    --confirm-routing, asked for now, the confirmation first)."""
+    written with the same settings but other --spans gets only the span step (and, if made without
+    --confirm-routing and it is asked now, the confirmation first)."""
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data, **({"tasks": list(tasks)} if tasks else {}),
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
@@ -279,11 +287,12 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
         if average in finished:  # the plans are made: only the later steps
             plans = {n: {"policies": p.policies, "budgets": p.budgets, "calibration": p.info["calibration"]}
                      for n, p in finished[average].items()}
-            confirm = cs.confirm_routing and not finished[average]["polykv"].info["calibration_settings"]["confirm_routing"]
+            confirm = cs.confirm_routing and not confirmed(finished[average])
             print(f"[{average}] plans made with these settings in {out_dir}: "
                   + ("the confirmation and " if confirm else "") + "the span step only")
             if confirm:
-                confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, cs.min_win_share)
+                confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, average,
+                              cs.min_win_share)  # at the span the plans were fitted at, as in calibrate_budget
             plans, chosen = choose_span(model, refs, val_refs, plans, average, settings, cs.spans)
         else:
             plans, chosen = calibrate_budget(model, refs, val_refs, average, cs, settings)
@@ -307,8 +316,8 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     interrupted multi-budget run resumes at the first budget it had not written. Their chosen span
     (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
     (--span) may not; plans made without --confirm-routing serve a run with it (the caller confirms
-    their routes) unless refined (the search started from the unconfirmed routes), not the reverse.
-    Their calibration_settings read as current."""
+    their routes) unless refined (the search started from the unconfirmed routes), never the
+    reverse, nor a folder half confirmed (interrupted). Their calibration_settings read as current."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -317,11 +326,18 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
         p.info["calibration_settings"] = K.calibration_settings(p.info)
     if any(p.info["calibration_settings"] is None for p in plans.values()):  # written by hand
         return None
-    later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"], **dict.fromkeys(LATER_STEPS)}}  # noqa: E731
+    later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"],  # noqa: E731
+                                                           **dict.fromkeys(LATER_STEPS)}}
     same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
                and all(later_aside(p.info).get(k) == v for k, v in later_aside(record).items()) for p in plans.values())
-    confirmed, asked = plans["polykv"].info["calibration_settings"]["confirm_routing"], record["calibration_settings"]["confirm_routing"]
-    return plans if same and (confirmed == asked or asked and not record["calibration_settings"]["refine"]) else None
+    states, asked = {confirmed({n: p}) for n, p in plans.items()}, record["calibration_settings"]
+    confirmable = len(states) == 1 and (asked["confirm_routing"] in states or asked["confirm_routing"] and not asked["refine"])
+    return plans if same and confirmable else None
+
+
+def confirmed(plans: dict[str, K.Plan]) -> bool:
+    """Whether every one of these finished plans had its routes confirmed (--confirm-routing)."""
+    return all(p.info["calibration_settings"]["confirm_routing"] for p in plans.values())
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -354,7 +370,8 @@ def parse_args(argv):
     p.add_argument("--min-win-share", type=float, default=d.min_win_share, help="search: majority rule")
     p.add_argument("--order", choices=("route-allocate", "allocate-route"), default=d.order)
     p.add_argument("--confirm-routing", action="store_true", help="keep a layer's routed policy only where it lowers "
-                   "the joint KL (every layer compressed); on plans made without it, only this step and the span step run")
+                   "the joint KL (every layer compressed); on plans made without it (not refined), only this step "
+                   "and the span step run, rewriting them")
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")

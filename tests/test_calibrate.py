@@ -267,9 +267,10 @@ def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, mo
         m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("recalibrated a finished budget"))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
         for path in paths[48].values():  # plans written before the query, max_ratio and span fields existed:
-            info = json.loads(path.read_text())  # query-aware, at most 4x the average, span 1: kept too
+            info = json.loads(path.read_text())  # query-aware, at most 4x the average, span 1, unconfirmed: kept too
             del info["calibration_settings"]["query"], info["calibration_settings"]["max_ratio"]
             del info["calibration_settings"]["spans"], info["calibration_settings"]["span"], info["settings"]["span"]
+            del info["calibration_settings"]["confirm_routing"]
             path.write_text(json.dumps(info))
         assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir) == paths
     agnostic = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "agnostic", replace(cs, query="agnostic"),
@@ -490,21 +491,23 @@ def test_bad_spans_fail_before_any_work():
 
 
 def test_confirmation_keeps_only_the_routes_that_lower_the_joint_kl():
-    """Layers 0 and 2 are routed away from h2o; jointly only layer 0's route helps (on both samples),
-    layer 2's hurts: the confirmed plan keeps layer 0's route, largest single-layer gain tried first."""
-    routed, budgets = ["tova", "h2o", "snapkv", "h2o"], [64, 32, 96, 64]
-    preference = [{"h2o": 0.5, "tova": 0.1}, {"h2o": 0.2}, {"h2o": 0.9, "snapkv": 0.2}, {"h2o": 0.3}]
+    """Layers 0, 2 and 3 are routed away from h2o. Jointly layer 0's route helps on both samples,
+    layer 2's hurts, layer 3's lowers the mean through one sample only (the majority rule drops it):
+    the confirmed plan keeps layer 0's route; routes are tried largest single-layer gain first."""
+    routed, budgets = ["tova", "h2o", "snapkv", "tova"], [64, 32, 96, 64]
+    preference = [{"h2o": 0.5, "tova": 0.1}, {"h2o": 0.2}, {"h2o": 0.9, "snapkv": 0.2}, {"h2o": 0.3, "tova": 0.2}]
     seen = []
 
     def objective(policies, b):
         assert b == budgets  # the plan's budgets are kept
         seen.append(list(policies))
         cost = 1.0 - 0.3 * (policies[0] == "tova") + 0.2 * (policies[2] == "snapkv")
-        return [cost, cost + 0.1]
+        return [cost - (policies[3] == "tova"), cost + 0.1 + 0.5 * (policies[3] == "tova")]
     policies, trace = S.confirm_routing(objective, routed, budgets, "h2o", preference, 0.5)
     assert policies == ["tova", "h2o", "h2o", "h2o"]
-    assert seen == [["h2o"] * 4, ["h2o", "h2o", "snapkv", "h2o"], ["tova", "h2o", "h2o", "h2o"]]  # gain 0.7, then 0.4
-    assert [t["step"] for t in trace] == ["start", "layer 0 -> tova", "end"] and trace[-1]["evaluations"] == 3
+    assert seen == [["h2o"] * 4, ["h2o", "h2o", "snapkv", "h2o"], ["tova", "h2o", "h2o", "h2o"],
+                    ["tova", "h2o", "h2o", "tova"]]  # gains 0.7, 0.4, 0.1
+    assert [t["step"] for t in trace] == ["start", "layer 0 -> tova", "end"] and trace[-1]["evaluations"] == 4
     assert S.confirm_routing(objective, ["h2o"] * 4, budgets, "h2o", preference, 0.5)[0] == ["h2o"] * 4
 
 
@@ -512,27 +515,29 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
                                                                           monkeypatch, capsys):
     """Single-layer signals route layer 0 to TOVA and layer 1 to SnapKV; jointly only TOVA on layer 0
     helps (and K-norm is the best uniform policy): --confirm-routing keeps that route alone. On plans
-    made without it, only the confirmation and the span step run, and give what a fresh run gives;
-    confirmed plans never serve a run without it, nor unconfirmed refined ones a run with it."""
+    made without it, only the confirmation (at the fitted span) and the span step run, and give what a
+    fresh run gives; confirmed plans never serve a run without it, nor unconfirmed refined ones a run
+    with it, nor a half-confirmed folder either."""
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
-    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
-    true_single, true_kls = O.single_layer_kl, O.sample_kls
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6, span=3)
+    true_single, true_kls, spans_seen = O.single_layer_kl, O.sample_kls, set()
     joint_cost = [{"knorm": 0, "tova": -1, "snapkv": 3}, {"knorm": 0, "tova": 2, "snapkv": 3}]
     monkeypatch.setattr(O, "single_layer_kl", lambda m, r, l, p, *a: true_single(m, r, l, p, *a)
                         + 10 * (p != ("tova", "snapkv")[l]))
-    monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: [kl + 10 * sum(
+    monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: spans_seen.add(plan.settings.span) or [kl + 10 * sum(
         joint_cost[l].get(p, 2) for l, p in enumerate(plan.policies)) for kl in true_kls(m, refs, plan)])
     fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", replace(cs, confirm_routing=True),
                   P.Settings(), longbench_dir)
-    assert "polykv: 1 of 2 routes confirmed on the joint KL: layer 0 -> tova" in capsys.readouterr().out
+    assert "[48] polykv: 1 of 2 routes confirmed on the joint KL: layer 0 -> tova" in capsys.readouterr().out
     for name in ("polykv", "polykv_routing"):
         plan = K.load_plan(fresh[48][name])
         assert plan.policies == ["tova", "knorm"] and plan.info["calibration"]["best_uniform"] == "knorm"
         assert [min(row, key=row.get) for row in plan.info["calibration"]["signals"]["preference"]] == ["tova", "snapkv"]
-    assert "| 48, routes confirmed | uniform knorm | " in report.calibration_table(tmp_path / "fresh")
+    assert "| 48, span 3 (fitted at 3), routes confirmed | uniform knorm | " in report.calibration_table(tmp_path / "fresh")
     C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", cs, P.Settings(), longbench_dir)
     assert K.load_plan(tmp_path / "resumed" / "budget48" / "polykv.json").policies == ["tova", "snapkv"]
     capsys.readouterr()
+    spans_seen.clear()
 
     class Recalibrated(Exception):
         pass
@@ -541,15 +546,32 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
         m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
         resumed = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True),
                         P.Settings(), longbench_dir)
-        assert "the confirmation and the span step only" in capsys.readouterr().out
+        assert "the confirmation and the span step only" in capsys.readouterr().out and spans_seen == {3}
         for name, path in resumed[48].items():
             again, plan = K.load_plan(path), K.load_plan(fresh[48][name])
             assert (again.policies, again.budgets) == (plan.policies, plan.budgets)
-            assert again.info["calibration"]["validation_kls"] == pytest.approx(plan.info["calibration"]["validation_kls"])
+            for key in ("confirmation_trace", "validation_kls"):
+                assert again.info["calibration"].get(key) == pytest.approx(plan.info["calibration"].get(key))
             assert again.info["calibration_settings"]["confirm_routing"]
+        m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("redid a finished confirmation"))
+        assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True),
+                     P.Settings(), longbench_dir) == resumed  # confirmed plans, asked with: kept
+        m.undo()
+        m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
+        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True,
+              spans=[1, 3]), P.Settings(), longbench_dir)  # other spans: the span step only, no second confirmation
+        printed = capsys.readouterr().out
+        assert "in " + str(tmp_path / "resumed") + ": the span step only" in printed and "routes confirmed" not in printed
         m.setattr(C, "calibrate_budget", lambda *a, **k: (_ for _ in ()).throw(Recalibrated()))
         with pytest.raises(Recalibrated):  # confirmed plans, asked without: made again
             C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", cs, P.Settings(), longbench_dir)
+        half = tmp_path / "resumed" / "budget48" / "polykv_routing.json"  # interrupted: one plan written unconfirmed
+        info = json.loads(half.read_text())
+        info["calibration_settings"]["confirm_routing"] = False
+        half.write_text(json.dumps(info))
+        with pytest.raises(Recalibrated):
+            C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True,
+                  spans=[1, 3]), P.Settings(), longbench_dir)
     refined = replace(cs, refine=True, max_evals=3)
     C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "refined", refined, P.Settings(), longbench_dir)
     with monkeypatch.context() as m, pytest.raises(Recalibrated):  # refined from unconfirmed routes: made again

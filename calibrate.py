@@ -50,7 +50,7 @@ import report
 import ruler as R
 import run_folder as RF
 from run_settings import MAX_LENGTH
-from search import allocation_moves, confirm_routing, mean, routing_moves, search
+from search import confirm_plans, mean, refine_plans
 
 ROOT = Path(__file__).resolve().parent
 
@@ -166,37 +166,8 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
     if cs.confirm_routing:
         confirm_plans(objective, out, average, cs.min_win_share)
     if cs.refine:
-        refine_plans(objective, layer_kl, out, cs, low, high)
+        refine_plans(objective, layer_kl, out, low, high, cs.quantum, cs.max_evals, cs.min_win_share)
     return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
-
-
-def confirm_plans(objective, plans: dict[str, dict], average: int, min_win_share: float) -> None:
-    """--confirm-routing on a budget's plans, in place: each routed plan's routes confirmed on the
-    joint objective (search.confirm_routing), the trace in its record. The budgets stay (with --order
-    route-allocate: allocated from the routed policies' sensitivities, confirmed or not)."""
-    for name, plan in plans.items():
-        cal, best = plan["calibration"], plan["calibration"]["best_uniform"]
-        if cal["signals"]["preference"]:  # allocation alone routes nothing
-            n_routed = sum(p != best for p in plan["policies"])
-            plan["policies"], cal["confirmation_trace"] = confirm_routing(
-                objective, plan["policies"], plan["budgets"], best, cal["signals"]["preference"], min_win_share)
-            kept = [f"layer {l} -> {p}" for l, p in enumerate(plan["policies"]) if p != best]
-            print(f"[{average}] {name}: {len(kept)} of {n_routed} routes confirmed on the joint KL: {', '.join(kept) or 'none'}")
-
-
-def refine_plans(objective, layer_kl: K.LayerKL, plans: dict[str, dict], cs: CalibrationSettings,
-                 low: int, high: int) -> None:
-    """--refine on a budget's plans, in place: the search (search.py) from each plan, its moves
-    those of the plan's lever (PolyKV: both), layers tried most sensitive first; the trace in its record."""
-    for name, plan in plans.items():
-        signals = plan["calibration"]["signals"]
-        sens = signals["sensitivity"] or K.sensitivity(layer_kl, plan["policies"], signals["sensitivity_budget"])
-        order = sorted(range(len(sens)), key=lambda l: -sens[l])
-        moves = {"polykv": routing_moves() + allocation_moves(order, cs.quantum, low, high),
-                 "polykv_routing": routing_moves(),
-                 "polykv_allocation": allocation_moves(order, cs.quantum, low, high)}[name]
-        plan["policies"], plan["budgets"], _, plan["calibration"]["search_trace"] = search(
-            objective, plan["policies"], plan["budgets"], order, moves, cs.max_evals, min_win_share=cs.min_win_share)
 
 
 def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], plans: dict[str, dict], average: int,
@@ -285,15 +256,8 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references", bench)
     for average in [b for b in budgets if b not in paths]:
         if average in finished:  # the plans are made: only the later steps
-            plans = {n: {"policies": p.policies, "budgets": p.budgets, "calibration": p.info["calibration"]}
-                     for n, p in finished[average].items()}
-            confirm = cs.confirm_routing and not confirmed(finished[average])
-            print(f"[{average}] plans made with these settings in {out_dir}: "
-                  + ("the confirmation and " if confirm else "") + "the span step only")
-            if confirm:
-                confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, average,
-                              cs.min_win_share)  # at the span the plans were fitted at, as in calibrate_budget
-            plans, chosen = choose_span(model, refs, val_refs, plans, average, settings, cs.spans)
+            print(f"[{average}] plans made with these settings in {out_dir}:", end=" ")
+            plans, chosen = later_steps(model, refs, val_refs, finished[average], average, cs, settings)
         else:
             plans, chosen = calibrate_budget(model, refs, val_refs, average, cs, settings)
         paths[average] = {}
@@ -308,6 +272,20 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     print(f"calibration took {total:.0f} s = {total / prefill:.1f}x the {prefill:.0f} s of prefilling its "
           f"{len(refs) + len(val_refs)} samples")
     return paths
+
+
+def later_steps(model, refs: list[O.Reference], val_refs: list[O.Reference], made: dict[str, K.Plan], average: int,
+                cs: CalibrationSettings, settings: P.Settings) -> tuple[dict[str, dict], P.Settings]:
+    """On plans made with these settings (finished_plans), only the steps that can run on made plans:
+    the confirmation if asked and not done yet (at the span the plans were fitted at, as in
+    calibrate_budget), then the span step. Returns what calibrate_budget returns."""
+    plans = {n: {"policies": p.policies, "budgets": p.budgets, "calibration": p.info["calibration"]}
+             for n, p in made.items()}
+    confirm = cs.confirm_routing and not confirmed(made)
+    print(("the confirmation and " if confirm else "") + "the span step only")
+    if confirm:
+        confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, average, cs.min_win_share)
+    return choose_span(model, refs, val_refs, plans, average, settings, cs.spans)
 
 
 def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,

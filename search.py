@@ -88,3 +88,37 @@ def confirm_routing(objective, routed: list[str], budgets: list[int], best: str,
     policies, _, _, trace = search(objective, [best] * len(routed), budgets, order, [switch],
                                    max_evals=len(order) + 1, max_sweeps=1, min_win_share=min_win_share)
     return policies, trace
+
+
+# -----------------------------------------------------------------------------
+# The two steps on a budget's plans ({name: {policies, budgets, calibration record}}), in place
+
+
+def confirm_plans(objective, plans: dict[str, dict], average: int, min_win_share: float) -> None:
+    """--confirm-routing on a budget's plans, in place: each routed plan's routes confirmed on the
+    joint objective (confirm_routing), the trace in its record. The budgets stay (with --order
+    route-allocate: allocated from the routed policies' sensitivities, confirmed or not)."""
+    for name, plan in plans.items():
+        cal, best = plan["calibration"], plan["calibration"]["best_uniform"]
+        if cal["signals"]["preference"]:  # allocation alone routes nothing
+            n_routed = sum(p != best for p in plan["policies"])
+            plan["policies"], cal["confirmation_trace"] = confirm_routing(
+                objective, plan["policies"], plan["budgets"], best, cal["signals"]["preference"], min_win_share)
+            kept = [f"layer {l} -> {p}" for l, p in enumerate(plan["policies"]) if p != best]
+            print(f"[{average}] {name}: {len(kept)} of {n_routed} routes confirmed on the joint KL: "
+                  f"{', '.join(kept) or 'none'}")
+
+
+def refine_plans(objective, layer_kl: K.LayerKL, plans: dict[str, dict], low: int, high: int, quantum: int,
+                 max_evals: int, min_win_share: float) -> None:
+    """--refine on a budget's plans, in place: the search from each plan, with the moves of the plan's
+    lever (PolyKV: both), layers tried most sensitive first; the trace in its record."""
+    for name, plan in plans.items():
+        signals = plan["calibration"]["signals"]
+        sens = signals["sensitivity"] or K.sensitivity(layer_kl, plan["policies"], signals["sensitivity_budget"])
+        order = sorted(range(len(sens)), key=lambda l: -sens[l])
+        moves = {"polykv": routing_moves() + allocation_moves(order, quantum, low, high),
+                 "polykv_routing": routing_moves(),
+                 "polykv_allocation": allocation_moves(order, quantum, low, high)}[name]
+        plan["policies"], plan["budgets"], _, plan["calibration"]["search_trace"] = search(
+            objective, plan["policies"], plan["budgets"], order, moves, max_evals, min_win_share=min_win_share)

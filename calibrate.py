@@ -20,7 +20,8 @@ both into a static plan per budget.
    (every layer compressed). On a folder of plans made with the same settings without it (and not
    refined), only this step, the span step and the validation run.
    Refinement (--refine, optional; search.py): a coordinate-descent search on the joint
-   objective (every layer compressed) moves single layers' policies and budget quanta from that start.
+   objective (every layer compressed) moves single layers' policies and budget quanta, starting from
+   the paper's plans (confirmed, with --confirm-routing).
 6. Span (--span, --spans, optional): every policy's scores max-pooled over a few neighbours before
    selection (policies.pool_span). --span S fits steps 3-5 at span S (the uniform policies too);
    --spans (which must include S) tries each candidate on the fitted plans and keeps the span with
@@ -139,7 +140,7 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
 
 
 # -----------------------------------------------------------------------------
-# One budget: the paper's plans, optionally refined, and their validation
+# One budget: the paper's plans, optionally confirmed and refined, and their validation
 
 
 def joint_objective(model, refs: list[O.Reference], settings: P.Settings):
@@ -161,7 +162,7 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
     table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best], "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
     out = {name: {"policies": policies, "budgets": budgets, "calibration": {
-               **table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}}
+               **table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}}  # before steps 5-6
            for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high, cs.order).items()}
     if cs.confirm_routing:
         confirm_plans(objective, out, average, cs.min_win_share)
@@ -237,8 +238,8 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
         tasks: tuple[str, ...] = ()) -> dict[int, dict[str, Path]]:
     """Calibrate every budget from ONE set of references; write each budget's plans and PNGs
     (out_dir/budget<B>/<name>.json). A budget already written with the same settings is kept; one
-    written with the same settings but other --spans gets only the span step (and, if made without
-    --confirm-routing and it is asked now, the confirmation first)."""
+    written with the same settings but other --spans, or without --confirm-routing asked now, gets
+    only later_steps."""
     calibration, validation, data = calibration_sets(tokenizer, cs, data_dir, tasks)
     record = {"calibration_settings": asdict(cs), "data": data, **({"tasks": list(tasks)} if tasks else {}),
               "calibration_ids": [s["_id"] for s in calibration], "validation_ids": [s["_id"] for s in validation]}
@@ -255,9 +256,11 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
     refs = build_references(model, tokenizer, model_dir, calibration, cs, settings, "calibration references", bench)
     val_refs = build_references(model, tokenizer, model_dir, validation, cs, settings, "validation references", bench)
     for average in [b for b in budgets if b not in paths]:
-        if average in finished:  # the plans are made: only the later steps
-            print(f"[{average}] plans made with these settings in {out_dir}:", end=" ")
-            plans, chosen = later_steps(model, refs, val_refs, finished[average], average, cs, settings)
+        if average in finished:  # the plans are made (confirmed or not, all alike): only the later steps
+            confirm = cs.confirm_routing and not finished[average]["polykv"].info["calibration_settings"]["confirm_routing"]
+            print(f"[{average}] plans made with these settings in {out_dir}: "
+                  + ("the confirmation and " if confirm else "") + "the span step only")
+            plans, chosen = later_steps(model, refs, val_refs, finished[average], average, cs, settings, confirm)
         else:
             plans, chosen = calibrate_budget(model, refs, val_refs, average, cs, settings)
         paths[average] = {}
@@ -275,14 +278,12 @@ def run(model, tokenizer, model_dir: Path, budgets: list[int], out_dir: Path, cs
 
 
 def later_steps(model, refs: list[O.Reference], val_refs: list[O.Reference], made: dict[str, K.Plan], average: int,
-                cs: CalibrationSettings, settings: P.Settings) -> tuple[dict[str, dict], P.Settings]:
+                cs: CalibrationSettings, settings: P.Settings, confirm: bool) -> tuple[dict[str, dict], P.Settings]:
     """On plans made with these settings (finished_plans), only the steps that can run on made plans:
-    the confirmation if asked and not done yet (at the span the plans were fitted at, as in
-    calibrate_budget), then the span step. Returns what calibrate_budget returns."""
+    the confirmation if `confirm` (at the span the plans were fitted at, as in calibrate_budget, not
+    the span a span step chose), then the span step. Returns what calibrate_budget returns."""
     plans = {n: {"policies": p.policies, "budgets": p.budgets, "calibration": p.info["calibration"]}
              for n, p in made.items()}
-    confirm = cs.confirm_routing and not confirmed(made)
-    print(("the confirmation and " if confirm else "") + "the span step only")
     if confirm:
         confirm_plans(joint_objective(model, refs, replace(settings, span=cs.span)), plans, average, cs.min_win_share)
     return choose_span(model, refs, val_refs, plans, average, settings, cs.spans)
@@ -308,14 +309,12 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
                                                            **dict.fromkeys(LATER_STEPS)}}
     same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
                and all(later_aside(p.info).get(k) == v for k, v in later_aside(record).items()) for p in plans.values())
-    states, asked = {confirmed({n: p}) for n, p in plans.items()}, record["calibration_settings"]
-    confirmable = len(states) == 1 and (asked["confirm_routing"] in states or asked["confirm_routing"] and not asked["refine"])
-    return plans if same and confirmable else None
+    was = {p.info["calibration_settings"]["confirm_routing"] for p in plans.values()}
+    if len(was) > 1:  # a confirmation interrupted between two plans' writes
+        return None
+    now, refined = record["calibration_settings"]["confirm_routing"], record["calibration_settings"]["refine"]
+    return plans if same and (was == {now} or now and not refined) else None
 
-
-def confirmed(plans: dict[str, K.Plan]) -> bool:
-    """Whether every one of these finished plans had its routes confirmed (--confirm-routing)."""
-    return all(p.info["calibration_settings"]["confirm_routing"] for p in plans.values())
 
 # -----------------------------------------------------------------------------
 # Command line

@@ -2,8 +2,10 @@
 The optional steps of a calibration on the joint objective, with every layer compressed.
 --refine: coordinate descent from the paper's plan; each layer in turn tries each move (switch
 its policy; shift a quantum of budget to or from another layer). --confirm-routing: one move per
-routed layer, back to its route from the best uniform policy. A move is kept only if it lowers
-the KL on average and on most samples. Generic over the objective, so tested on constructed ones.
+routed layer, from the best uniform policy to the layer's route. A move is kept only if it lowers
+the KL on average and on most samples. `search` and `confirm_routing` are generic over the
+objective, so tested on constructed ones; `confirm_plans` and `refine_plans` apply them to a
+calibration's plans (calibrate.py).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def allocation_moves(order: list[int], quantum: int, low: int, high: int) -> lis
 
 def search(objective, policies: list[str], budgets: list[int], order: list[int], moves: list,
            max_evals: int = 100, max_sweeps: int = 3, min_win_share: float = 0.5):
-    """Coordinate descent over layers in `order` (most sensitive first): each layer tries each move
+    """Coordinate descent over layers in `order` (e.g. most sensitive first): each layer tries each move
     in turn, and a candidate replaces the plan only if `is_better`, so the result is never worse
     than the start. objective(policies, budgets) -> KL per sample.
     Returns (policies, budgets, mean KL, trace)."""

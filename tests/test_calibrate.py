@@ -525,7 +525,8 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
     monkeypatch.setattr(O, "single_layer_kl", lambda m, r, l, p, *a: true_single(m, r, l, p, *a)
                         + 10 * (p != ("tova", "snapkv")[l]))
     monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: spans_seen.add(plan.settings.span) or [kl + 10 * sum(
-        joint_cost[l].get(p, 2) for l, p in enumerate(plan.policies)) for kl in true_kls(m, refs, plan)])
+        joint_cost[l].get(p, 2) for l, p in enumerate(plan.policies)) - 100 * (plan.settings.span == 1)
+        for kl in true_kls(m, refs, plan)])  # span 1 wins a span step: the made plans below choose it
     fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", replace(cs, confirm_routing=True),
                   P.Settings(), longbench_dir)
     assert "[48] polykv: 1 of 2 routes confirmed on the joint KL: layer 0 -> tova" in capsys.readouterr().out
@@ -534,8 +535,10 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
         assert plan.policies == ["tova", "knorm"] and plan.info["calibration"]["best_uniform"] == "knorm"
         assert [min(row, key=row.get) for row in plan.info["calibration"]["signals"]["preference"]] == ["tova", "snapkv"]
     assert "| 48, span 3 (fitted at 3), routes confirmed | uniform knorm | " in report.calibration_table(tmp_path / "fresh")
-    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", cs, P.Settings(), longbench_dir)
-    assert K.load_plan(tmp_path / "resumed" / "budget48" / "polykv.json").policies == ["tova", "snapkv"]
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, spans=[1, 3]), P.Settings(),
+          longbench_dir)  # made without the confirmation, and their span step chose span 1
+    made = K.load_plan(tmp_path / "resumed" / "budget48" / "polykv.json")
+    assert made.policies == ["tova", "snapkv"] and made.settings.span == 1
     capsys.readouterr()
     spans_seen.clear()
 

@@ -76,7 +76,7 @@ class CalibrationSettings:
     query: str = "aware"  # "agnostic": compress the context before the question is seen, as evaluation's --query agnostic
     span: int = 1  # policies.Settings.span the routes and budgets are fitted at (1: scores as the policies give them)
     spans: list[int] | None = None  # candidate spans of the last step (see choose_span); None: [span], no choice
-    confirm_routing: bool = False  # keep a layer's route only where it lowers the joint KL (see confirm_routing)
+    confirm_routing: bool = False  # keep a layer's route only where it lowers the joint KL (search.confirm_routing)
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):

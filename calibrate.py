@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -180,7 +180,7 @@ def choose_span(model, refs: list[O.Reference], val_refs: list[O.Reference], pla
     Returns the plans with their records at the chosen span, and the settings to save them with."""
     n, best = model.cfg.n_layers, plans["polykv"]["calibration"]["best_uniform"]
     arms = {"uniform": ([best] * n, [average] * n), **{k: (p["policies"], p["budgets"]) for k, p in plans.items()}}
-    kls = lambda on, arm, span: O.sample_kls(model, on, K.Plan(*arms[arm], settings=replace(settings, span=span)))  # noqa: E731
+    kls = lambda on, arm, span: joint_objective(model, on, replace(settings, span=span))(*arms[arm])  # noqa: E731
     in_sample = {s: {a: mean(kls(refs, a, s)) for a in arms} for s in spans}
     chosen = min(spans, key=lambda s: in_sample[s]["polykv"])  # ties: the first listed
     val = {a: [round(kl, 6) for kl in kls(val_refs, a, chosen)] for a in arms}

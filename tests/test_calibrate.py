@@ -521,22 +521,22 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6, span=3)
     true_single, true_kls, spans_seen = O.single_layer_kl, O.sample_kls, set()
+    calibrate = lambda folder, settings: C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / folder,  # noqa: E731
+                                               settings, P.Settings(), longbench_dir)
     joint_cost = [{"knorm": 0, "tova": -1, "snapkv": 3}, {"knorm": 0, "tova": 2, "snapkv": 3}]
     monkeypatch.setattr(O, "single_layer_kl", lambda m, r, l, p, *a: true_single(m, r, l, p, *a)
                         + 10 * (p != ("tova", "snapkv")[l]))
     monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: spans_seen.add(plan.settings.span) or [kl + 10 * sum(
         joint_cost[l].get(p, 2) for l, p in enumerate(plan.policies)) - 100 * (plan.settings.span == 1)
         for kl in true_kls(m, refs, plan)])  # span 1 wins a span step: the made plans below choose it
-    fresh = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", replace(cs, confirm_routing=True),
-                  P.Settings(), longbench_dir)
+    fresh = calibrate("fresh", replace(cs, confirm_routing=True))
     assert "[48] polykv: 1 of 2 routes confirmed on the joint KL: layer 0 -> tova" in capsys.readouterr().out
     for name in ("polykv", "polykv_routing"):
         plan = K.load_plan(fresh[48][name])
         assert plan.policies == ["tova", "knorm"] and plan.info["calibration"]["best_uniform"] == "knorm"
         assert [min(row, key=row.get) for row in plan.info["calibration"]["signals"]["preference"]] == ["tova", "snapkv"]
     assert "| 48, span 3 (fitted at 3), routes confirmed | uniform knorm | " in report.calibration_table(tmp_path / "fresh")
-    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, spans=[1, 3]), P.Settings(),
-          longbench_dir)  # made without the confirmation, and their span step chose span 1
+    calibrate("resumed", replace(cs, spans=[1, 3]))  # made without the confirmation, and their span step chose span 1
     made = K.load_plan(tmp_path / "resumed" / "budget48" / "polykv.json")
     assert made.policies == ["tova", "snapkv"] and made.settings.span == 1
     capsys.readouterr()
@@ -545,10 +545,15 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
     class Recalibrated(Exception):
         pass
 
+    def recalibrate(*args, **kwargs):
+        raise Recalibrated()
+
+    def no_recalibration(*args, **kwargs):
+        pytest.fail("recalibrated finished plans")
+
     with monkeypatch.context() as m:
-        m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
-        resumed = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True),
-                        P.Settings(), longbench_dir)
+        m.setattr(C, "calibrate_budget", no_recalibration)
+        resumed = calibrate("resumed", replace(cs, confirm_routing=True))
         assert "the confirmation and the span step only" in capsys.readouterr().out and spans_seen == {3}
         for name, path in resumed[48].items():
             again, plan = K.load_plan(path), K.load_plan(fresh[48][name])
@@ -557,27 +562,23 @@ def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_
                 assert again.info["calibration"].get(key) == pytest.approx(plan.info["calibration"].get(key))
             assert again.info["calibration_settings"]["confirm_routing"]
         m.setattr(O, "build_reference", lambda *a, **k: pytest.fail("redid a finished confirmation"))
-        assert C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True),
-                     P.Settings(), longbench_dir) == resumed  # confirmed plans, asked with: kept
-        m.undo()
-        m.setattr(C, "calibrate_budget", lambda *a, **k: pytest.fail("recalibrated finished plans"))
-        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True,
-              spans=[1, 3]), P.Settings(), longbench_dir)  # other spans: the span step only, no second confirmation
+        assert calibrate("resumed", replace(cs, confirm_routing=True)) == resumed  # confirmed plans, asked with: kept
+        m.undo()  # other spans: the span step only, no second confirmation
+        m.setattr(C, "calibrate_budget", no_recalibration)
+        calibrate("resumed", replace(cs, confirm_routing=True, spans=[1, 3]))
         printed = capsys.readouterr().out
         assert "in " + str(tmp_path / "resumed") + ": the span step only" in printed and "routes confirmed" not in printed
-        m.setattr(C, "calibrate_budget", lambda *a, **k: (_ for _ in ()).throw(Recalibrated()))
+        m.setattr(C, "calibrate_budget", recalibrate)
         with pytest.raises(Recalibrated):  # confirmed plans, asked without: made again
-            C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "fresh", cs, P.Settings(), longbench_dir)
+            calibrate("fresh", cs)
         half = tmp_path / "resumed" / "budget48" / "polykv_routing.json"  # interrupted: one plan written unconfirmed
         info = json.loads(half.read_text())
         info["calibration_settings"]["confirm_routing"] = False
         half.write_text(json.dumps(info))
         with pytest.raises(Recalibrated):
-            C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "resumed", replace(cs, confirm_routing=True,
-                  spans=[1, 3]), P.Settings(), longbench_dir)
+            calibrate("resumed", replace(cs, confirm_routing=True, spans=[1, 3]))
     refined = replace(cs, refine=True, max_evals=3)
-    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "refined", refined, P.Settings(), longbench_dir)
+    calibrate("refined", refined)
     with monkeypatch.context() as m, pytest.raises(Recalibrated):  # refined from unconfirmed routes: made again
-        m.setattr(C, "calibrate_budget", lambda *a, **k: (_ for _ in ()).throw(Recalibrated()))
-        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path / "refined", replace(refined, confirm_routing=True),
-              P.Settings(), longbench_dir)
+        m.setattr(C, "calibrate_budget", recalibrate)
+        calibrate("refined", replace(refined, confirm_routing=True))

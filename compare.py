@@ -10,7 +10,10 @@ FullKV's lead over B that A recovers (score gap recovery; FullKV from OLD).
 
 A pair "A:B" is method A of NEW against method B of OLD; a bare "m" is m:m (the same method in both
 folders, e.g. a baseline with and without a setting); "best" on the B side is OLD's best baseline
-at the budget. NEW and OLD may be the same folder.
+at the budget (highest average score). NEW and OLD may be the same folder. `--pool NEW2 OLD2`
+(repeatable) joins the samples of further folder pairs, e.g. the same runs on another RULER seed:
+
+    python compare.py FIT3 BASE3 --pool FIT4 BASE4 --pairs polykv:best
 """
 from __future__ import annotations
 
@@ -47,23 +50,48 @@ def scores(metrics: dict, folder: Path, method: str, budget: str) -> dict:
     return by_budget[key]
 
 
-def compare(new: Path, old: Path, pairs: list[str], budget: int) -> list[str]:
-    """One line per pair: A's average, B's, A minus B [interval], and A's score gap recovery over B."""
-    a_metrics, b_metrics = load_metrics(new), load_metrics(old)
-    if a_metrics["sample_ids"] != b_metrics["sample_ids"]:
-        raise ValueError(f"{new} and {old} hold different samples: their scores cannot be paired")
+def pooled_scores(sets: list[tuple[Path, dict]], method: str, budget: str) -> dict:
+    """{task: scores} of one method joined over several folders holding different samples."""
+    joined = {}
+    for folder, metrics in sets:
+        for task, values in scores(metrics, folder, method, budget).items():
+            joined.setdefault(task, []).extend(values)
+    return joined
+
+
+def check_pairable(sets: list[tuple[Path, dict, Path, dict]]) -> None:
+    """Each NEW/OLD pair holds the same samples; pooled pairs hold the same tasks and no sample twice."""
+    seen = set()
+    for new, a_metrics, old, b_metrics in sets:
+        if a_metrics["sample_ids"] != b_metrics["sample_ids"]:
+            raise ValueError(f"{new} and {old} hold different samples: their scores cannot be paired")
+        if set(a_metrics["sample_ids"]) != set(sets[0][1]["sample_ids"]):
+            raise ValueError(f"{new} holds other tasks than {sets[0][0]}: their samples cannot be pooled")
+        ids = {i for task_ids in a_metrics["sample_ids"].values() for i in task_ids}
+        if ids & seen:
+            raise ValueError(f"{new} repeats samples of another pooled folder (e.g. {sorted(ids & seen)[0]})")
+        seen |= ids
+
+
+def compare(new: Path, old: Path, pairs: list[str], budget: int, pool: list[tuple[Path, Path]] = ()) -> list[str]:
+    """One line per pair: A's average, B's, A minus B [interval], and A's score gap recovery over B.
+    pool: further (NEW, OLD) folder pairs on other samples (another seed); each task's samples of all
+    pairs are joined before averaging and resampling, and 'best' is the best baseline on the joined scores."""
+    sets = [(n, load_metrics(n), o, load_metrics(o)) for n, o in [(new, old), *pool]]
+    check_pairable(sets)
+    news, olds = [(n, a) for n, a, _, _ in sets], [(o, b) for _, _, o, b in sets]
     b = str(budget)
-    full = scores(b_metrics, old, "fullkv", b)
+    full = pooled_scores(olds, "fullkv", b)
     lines = []
     for pair in pairs:
         a_name, _, b_name = pair.partition(":")
         b_name = b_name or a_name
         if b_name == "best":
-            best = b_metrics.get("score_differences", {}).get(b, {}).get("best_baseline")
-            if best is None:
+            ran = [m for m in K.BASELINES if all(b in metrics["per_sample_scores"].get(m, {}) for _, metrics in olds)]
+            b_name = report.best_by_score({m: report.average(pooled_scores(olds, m, b)) for m in ran})
+            if b_name is None:
                 raise ValueError(f"{old}: no best baseline at budget {b}")
-            b_name = best
-        a, base = scores(a_metrics, new, a_name, b), scores(b_metrics, old, b_name, b)
+        a, base = pooled_scores(news, a_name, b), pooled_scores(olds, b_name, b)
         lines.append(f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
                      f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "
                      f"{report.pct_interval(report.bootstrap_gap_recovery(a, base, full))}")
@@ -76,9 +104,12 @@ def main(argv=None) -> None:
     p.add_argument("old", type=Path, help="folder of the B side (and of FullKV)")
     p.add_argument("--pairs", nargs="+", required=True, help="A:B (A of NEW minus B of OLD), m (= m:m); B may be 'best'")
     p.add_argument("--budget", type=int, default=K.DEFAULT_BUDGET)
+    p.add_argument("--pool", nargs=2, type=Path, action="append", default=[], metavar=("NEW", "OLD"),
+                   help="a further pair of folders on other samples (e.g. another --ruler-seed), pooled with the first")
     args = p.parse_args(argv)
-    lines = compare(args.new, args.old, args.pairs, args.budget)
-    print(f"{args.new} minus {args.old}, budget {args.budget}, paired by sample:", *lines, sep="\n")
+    lines = compare(args.new, args.old, args.pairs, args.budget, args.pool)
+    pooled = "".join(f" + {n} minus {o}" for n, o in args.pool)
+    print(f"{args.new} minus {args.old}{pooled}, budget {args.budget}, paired by sample:", *lines, sep="\n")
 
 
 if __name__ == "__main__":

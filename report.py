@@ -154,9 +154,16 @@ def best_baselines(scores: dict, fid: dict, b: str) -> dict | None:
         return None
     measure = lambda key: {m: fid[m][b][key] for m in base if fid[m][b][key] is not None}  # noqa: E731
     agree, kl = measure("tf_agreement"), measure("tf_kl")
-    return {"score": max(base, key=lambda m: scores[m][b]["average"]),
+    return {"score": best_by_score({m: scores[m][b]["average"] for m in base}),
             "prefix": max(base, key=lambda m: fid[m][b]["prefix_agreement"]),
             "tf_agreement": max(agree, key=agree.get, default=None), "tf_kl": min(kl, key=kl.get, default=None)}
+
+
+def best_by_score(averages: dict) -> str | None:
+    """The baseline with the highest average score ({method: average}; ties go to the first in
+    K.BASELINES); None when no baseline is among them."""
+    base = [m for m in K.BASELINES if m in averages]
+    return max(base, key=averages.get) if base else None
 
 
 def recovery(method: float | None, best: float | None, full: float) -> float | None:

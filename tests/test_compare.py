@@ -9,10 +9,10 @@ import report
 FULL = {"a": [100, 100], "b": [100, 100]}
 
 
-def folder(tmp_path, name, per_sample, ids=("a-0", "a-1"), best="knorm"):
+def folder(tmp_path, name, per_sample, seed=0, tasks=("a", "b")):
     d = tmp_path / name
     d.mkdir()
-    metrics = {"sample_ids": {"a": list(ids), "b": ["b-0", "b-1"]}, "score_differences": {"512": {"best_baseline": best}},
+    metrics = {"sample_ids": {t: [f"{t}-{seed}-0", f"{t}-{seed}-1"] for t in tasks},
                "per_sample_scores": {"fullkv": {"full": FULL}, **per_sample}}
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
@@ -37,7 +37,7 @@ def test_pairs_methods_across_folders_with_exact_values(tmp_path):
 
 def test_refuses_what_cannot_be_paired(tmp_path):
     scores = {"knorm": {"512": {"a": [0, 0], "b": [0, 0]}}}
-    new, old = folder(tmp_path, "new", scores), folder(tmp_path, "old", scores, ids=("a-2", "a-3"))
+    new, old = folder(tmp_path, "new", scores), folder(tmp_path, "old", scores, seed=1)
     with pytest.raises(ValueError, match="hold different samples"):
         compare.compare(new, old, ["knorm"], 512)
     with pytest.raises(ValueError, match="no method 'h2o'; it has fullkv, knorm"):
@@ -55,3 +55,34 @@ def test_refuses_what_cannot_be_paired(tmp_path):
     (tmp_path / "old_run" / "metrics.json").write_text('{"scores": ')  # torn
     with pytest.raises(ValueError, match="old_run/metrics.json: not JSON"):
         compare.compare(new, tmp_path / "old_run", ["knorm"], 512)
+
+
+def test_pooled_folders_equal_one_folder_holding_all_their_samples(tmp_path):
+    """Two seeds' folder pairs pooled = one pair whose per-task lists are the two joined; 'best' is
+    the baseline best on the joined scores (snapkv), not either seed's own best (knorm, then snapkv)."""
+    seed0 = {"polykv": {"512": {"a": [100, 0], "b": [100, 100]}}, "knorm": {"512": {"a": [100, 100], "b": [0, 0]}},
+             "snapkv": {"512": {"a": [0, 0], "b": [100, 0]}}}
+    seed1 = {"polykv": {"512": {"a": [100, 100], "b": [0, 100]}}, "knorm": {"512": {"a": [0, 0], "b": [0, 0]}},
+             "snapkv": {"512": {"a": [100, 100], "b": [100, 100]}}}
+    joined = {m: {"512": {t: seed0[m]["512"][t] + seed1[m]["512"][t] for t in "ab"}} for m in seed0}
+    d0, d1 = folder(tmp_path, "seed0", seed0), folder(tmp_path, "seed1", seed1, seed=1)
+    both = tmp_path / "both"
+    both.mkdir()
+    both_ids = {t: [f"{t}-0-0", f"{t}-0-1", f"{t}-1-0", f"{t}-1-1"] for t in "ab"}
+    (both / "metrics.json").write_text(json.dumps({"sample_ids": both_ids, "per_sample_scores": {
+        "fullkv": {"full": {t: FULL[t] * 2 for t in "ab"}}, **joined}}))
+    pairs = ["polykv:best", "polykv:knorm", "knorm"]
+    pooled = compare.compare(d0, d0, pairs, 512, pool=[(d1, d1)])
+    assert pooled == compare.compare(both, both, pairs, 512)
+    assert pooled[0].startswith("polykv 75.0 minus snapkv 62.5: +12.5")
+    assert compare.compare(d0, d0, ["polykv:best"], 512)[0].startswith("polykv 75.0 minus knorm 50.0")
+
+
+def test_refuses_pools_that_repeat_samples_or_change_tasks(tmp_path):
+    scores = {"knorm": {"512": {"a": [0, 0], "b": [0, 0]}}}
+    d0, again = folder(tmp_path, "seed0", scores), folder(tmp_path, "seed0_again", scores)
+    with pytest.raises(ValueError, match="seed0_again repeats samples of another pooled folder"):
+        compare.compare(d0, d0, ["knorm"], 512, pool=[(again, again)])
+    other = folder(tmp_path, "other_tasks", {"knorm": {"512": {"a": [0, 0], "c": [0, 0]}}}, seed=1, tasks=("a", "c"))
+    with pytest.raises(ValueError, match="other_tasks holds other tasks than"):
+        compare.compare(d0, d0, ["knorm"], 512, pool=[(other, other)])

@@ -1,4 +1,4 @@
-"""Shared fixtures: the project root on sys.path, the real default model, a tiny random checkpoint."""
+"""Shared fixtures: the project root on sys.path, the real default model, a tiny random checkpoint, a tiny LongBench folder."""
 import json
 import sys
 from pathlib import Path
@@ -53,6 +53,22 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
     save_file(tensors, out / "model.safetensors")
     (out / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
     return out
+
+
+@pytest.fixture(scope="session")
+def longbench_dir(tmp_path_factory):
+    """3 tasks x 8 samples in the LongBench layout, with prompts of a few hundred tokens."""
+    d = tmp_path_factory.mktemp("longbench")
+    words = "alpha beta gamma delta river stone cloud maple ember quartz willow harbor".split()
+    (d / "config").mkdir()
+    (d / "config" / "dataset2prompt.json").write_text(json.dumps({t: "Read.\n{context}\nQ: {input}\nA:" for t in
+                                                                  ("hotpotqa", "qasper", "trec")}))
+    (d / "config" / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 8, "qasper": 8, "trec": 8}))
+    for task in ("hotpotqa", "qasper", "trec"):
+        rows = [{"input": f"what is {words[i % 12]}?", "context": " ".join(words[(i * 5 + j) % 12] for j in range(120)),
+                 "answers": [words[i % 12]], "_id": f"{task}-{i}", "all_classes": ["x"]} for i in range(8)]
+        (d / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
 
 
 def pytest_configure(config):

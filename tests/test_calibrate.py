@@ -212,22 +212,6 @@ def test_objective_on_a_real_prompt(smollm2, smollm2_dir):
 # --- a whole run -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def longbench_dir(tmp_path_factory):
-    """3 tasks x 8 samples in the LongBench layout, with prompts of a few hundred tokens."""
-    d = tmp_path_factory.mktemp("longbench")
-    words = "alpha beta gamma delta river stone cloud maple ember quartz willow harbor".split()
-    (d / "config").mkdir()
-    (d / "config" / "dataset2prompt.json").write_text(json.dumps({t: "Read.\n{context}\nQ: {input}\nA:" for t in
-                                                                  ("hotpotqa", "qasper", "trec")}))
-    (d / "config" / "dataset2maxlen.json").write_text(json.dumps({"hotpotqa": 8, "qasper": 8, "trec": 8}))
-    for task in ("hotpotqa", "qasper", "trec"):
-        rows = [{"input": f"what is {words[i % 12]}?", "context": " ".join(words[(i * 5 + j) % 12] for j in range(120)),
-                 "answers": [words[i % 12]], "_id": f"{task}-{i}", "all_classes": ["x"]} for i in range(8)]
-        (d / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
-
 def test_end_to_end_on_a_tiny_model(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch, capsys):
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)

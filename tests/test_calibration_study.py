@@ -10,6 +10,8 @@ import calibrate as C
 import calibration_study as S
 import checkpoint as CK
 import longbench as LB
+import objective as O
+import polykv as K
 
 
 def row(key: str, plans: list[str]) -> dict:
@@ -105,3 +107,42 @@ def test_a_study_resumes_only_with_its_own_settings(no_model, tmp_path):
         S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "8"])
     with pytest.raises(ValueError, match="ran with model SmolLM2-135M-Instruct \\(now other\\)"):
         S.main(["--data-dir", "x", "--out", str(tmp_path), "--model", "other"])
+
+
+def test_head_routing_splits_only_the_head_that_lowers_the_joint_kl(tiny_checkpoint, longbench_dir, tmp_path,
+                                                                     monkeypatch):
+    """--head-routing on a tiny model's PolyKV plan, under a joint KL that rises by 1000 for every KV
+    head whose policy is not its target (the plan's own, but TOVA or SnapKV on layer 0's second head):
+    the search splits exactly that head and keeps the budgets; the plan records its parent's KLs and
+    its own validation KL; a rerun keeps it; other data (other calibration samples) is refused."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, S.SETTINGS, longbench_dir)
+    parent = K.load_plan(K.plan_path(tmp_path, 48, "polykv"))
+    target = [K.head_policies(p, 2) for p in parent.policies]
+    target[0][1] = "tova" if target[0][1] != "tova" else "snapkv"
+    true_kls = O.sample_kls
+    off_target = lambda plan: sum(p != t for layer, want in zip(plan.policies, target)  # noqa: E731
+                                  for p, t in zip(K.head_policies(layer, 2), want))
+    monkeypatch.setattr(O, "sample_kls", lambda m, refs, plan: [kl + 1000 * off_target(plan)
+                                                                 for kl in true_kls(m, refs, plan)])
+    paths = S.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [48], longbench_dir)
+    plan = K.load_plan(paths[48])
+    assert plan.policies == [K.layer_policy(t) for t in target] and "/" in plan.policies[0]
+    assert plan.budgets == parent.budgets
+    cal, parent_cal = plan.info["calibration"], parent.info["calibration"]
+    assert cal["refined_from"] == {k: parent_cal[k] for k in ("in_sample_kl", "validation_kl")}
+    assert f"layer 0 head 1 -> {target[0][1]}" in [t["step"] for t in cal["search_trace"]]
+    assert cal["search_trace"][0]["kl"] > 1000 > cal["in_sample_kl"]  # the parent is one head off target
+    assert 0 <= cal["validation_kl"] < 1000  # scored on the validation samples, on target
+    monkeypatch.setattr(C, "build_references", lambda *a, **k: pytest.fail("redid a finished head-routing plan"))
+    assert S.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [48], longbench_dir) == paths
+    monkeypatch.undo()
+    other = tmp_path / "other_data"
+    other.mkdir()
+    for path in longbench_dir.rglob("*.json*"):
+        (other / path.relative_to(longbench_dir)).parent.mkdir(exist_ok=True)
+        (other / path.relative_to(longbench_dir)).write_text(path.read_text().replace('"_id": "', '"_id": "other-'))
+    paths[48].unlink()
+    with pytest.raises(ValueError, match="this data gives other calibration samples than the plans record"):
+        S.refine_heads(model, tokenizer, tiny_checkpoint, tmp_path, [48], other)

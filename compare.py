@@ -9,9 +9,10 @@ FullKV's lead over B that A recovers (score gap recovery; FullKV from OLD).
     python compare.py NEW OLD --pairs polykv_span:best polykv_span:polykv knorm [--budget 512]
 
 A pair "A:B" is method A of NEW against method B of OLD; a bare "m" is m:m (the same method in both
-folders, e.g. a baseline with and without a setting); "best" on the B side is OLD's best baseline
-at the budget (highest average score). NEW and OLD may be the same folder. `--pool NEW2 OLD2`
-(repeatable) joins the samples of further folder pairs, e.g. the same runs on another RULER seed:
+folders, e.g. a baseline with and without a setting); "best" on the B side is OLD's best published
+baseline at the budget (highest average score). NEW and OLD may be the same folder. `--pool NEW2 OLD2`
+(repeatable) joins the samples of further folder pairs, the same runs on other samples (another
+RULER seed); "best" is then the best baseline on the joined samples:
 
     python compare.py FIT3 BASE3 --pool FIT4 BASE4 --pairs polykv:best
 """
@@ -59,24 +60,46 @@ def pooled_scores(sets: list[tuple[Path, dict]], method: str, budget: str) -> di
     return joined
 
 
+SAME_EXPERIMENT = ("model", "benchmark", "query", "max_length", "dtype", "settings")  # what pooled folders share
+
+
 def check_pairable(sets: list[tuple[Path, dict, Path, dict]]) -> None:
-    """Each NEW/OLD pair holds the same samples; pooled pairs hold the same tasks and no sample twice."""
-    seen = set()
+    """Each NEW/OLD pair holds the same samples; pooled pairs are the same experiment (model,
+    settings, tasks) on other samples, none of them twice."""
+    (first_new, first_a, first_old, first_b), owner = sets[0], {}
     for new, a_metrics, old, b_metrics in sets:
         if a_metrics["sample_ids"] != b_metrics["sample_ids"]:
             raise ValueError(f"{new} and {old} hold different samples: their scores cannot be paired")
-        if set(a_metrics["sample_ids"]) != set(sets[0][1]["sample_ids"]):
-            raise ValueError(f"{new} holds other tasks than {sets[0][0]}: their samples cannot be pooled")
-        ids = {i for task_ids in a_metrics["sample_ids"].values() for i in task_ids}
-        if ids & seen:
-            raise ValueError(f"{new} repeats samples of another pooled folder (e.g. {sorted(ids & seen)[0]})")
-        seen |= ids
+        for folder, metrics, first, first_metrics in ((new, a_metrics, first_new, first_a), (old, b_metrics, first_old, first_b)):
+            if changed := [f"{k} {metrics.get(k)} ({first}: {first_metrics.get(k)})" for k in SAME_EXPERIMENT
+                           if metrics.get(k) != first_metrics.get(k)]:
+                raise ValueError(f"{folder} is another experiment than {first}: {', '.join(changed)}; it cannot be pooled")
+        if set(a_metrics["sample_ids"]) != set(first_a["sample_ids"]):
+            raise ValueError(f"{new} holds other tasks than {first_new}: their samples cannot be pooled")
+        for i in (i for task_ids in a_metrics["sample_ids"].values() for i in task_ids):
+            if owner.setdefault(i, new) != new:
+                raise ValueError(f"{new} repeats samples of {owner[i]} (e.g. {i}): pooled folders need other samples")
+
+
+def best_baseline(olds: list[tuple[Path, dict]], budget: str) -> str:
+    """The published baseline with the highest average on the OLD folders' joined samples (the rule
+    of report.best_baselines). Every OLD folder must have run the same baselines at the budget, or
+    the choice would depend on which folder lacks one."""
+    ran = [[m for m in K.BASELINES if budget in metrics["per_sample_scores"].get(m, {})] for _, metrics in olds]
+    for (folder, _), names in zip(olds, ran):
+        if names != ran[0]:
+            raise ValueError(f"{folder} ran the baselines {', '.join(names) or 'none'} at budget {budget}, "
+                             f"{olds[0][0]} ran {', '.join(ran[0]) or 'none'}: the best of them cannot be pooled")
+    best = report.best_by_score({m: report.average(pooled_scores(olds, m, budget)) for m in ran[0]})
+    if best is None:
+        raise ValueError(f"{olds[0][0]}: no best baseline at budget {budget}")
+    return best
 
 
 def compare(new: Path, old: Path, pairs: list[str], budget: int, pool: list[tuple[Path, Path]] = ()) -> list[str]:
     """One line per pair: A's average, B's, A minus B [interval], and A's score gap recovery over B.
     pool: further (NEW, OLD) folder pairs on other samples (another seed); each task's samples of all
-    pairs are joined before averaging and resampling, and 'best' is the best baseline on the joined scores."""
+    pairs are joined, in the same order on both sides, before averaging and resampling."""
     sets = [(n, load_metrics(n), o, load_metrics(o)) for n, o in [(new, old), *pool]]
     check_pairable(sets)
     news, olds = [(n, a) for n, a, _, _ in sets], [(o, b) for _, _, o, b in sets]
@@ -87,10 +110,7 @@ def compare(new: Path, old: Path, pairs: list[str], budget: int, pool: list[tupl
         a_name, _, b_name = pair.partition(":")
         b_name = b_name or a_name
         if b_name == "best":
-            ran = [m for m in K.BASELINES if all(b in metrics["per_sample_scores"].get(m, {}) for _, metrics in olds)]
-            b_name = report.best_by_score({m: report.average(pooled_scores(olds, m, b)) for m in ran})
-            if b_name is None:
-                raise ValueError(f"{old}: no best baseline at budget {b}")
+            b_name = best_baseline(olds, b)
         a, base = pooled_scores(news, a_name, b), pooled_scores(olds, b_name, b)
         lines.append(f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
                      f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "

@@ -158,14 +158,14 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     bench = LB if data_dir is not None else C.R
     refs = C.build_references(model, tokenizer, model_dir, calibration, cs, first.settings, "calibration references", bench)
     val_refs = C.build_references(model, tokenizer, model_dir, validation, cs, first.settings, "validation references", bench)
-    objective = C.joint_objective(model, refs, first.settings)
+    objective, validation_objective = (C.joint_objective(model, r, first.settings) for r in (refs, val_refs))
     for b, parent in parents.items():
         cal = parent.info["calibration"]
         sens = cal["signals"]["sensitivity"] or [0.0] * len(parent.budgets)
         order = sorted(range(len(parent.policies)), key=lambda l: -sens[l])
         pol, bud, kl, trace = S.search(objective, parent.policies, parent.budgets, order,
                                      S.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
-        val_kl = C.mean(C.joint_objective(model, val_refs, first.settings)(pol, bud))
+        val_kl = C.mean(validation_objective(pol, bud))
         info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
                                                "refined_from": {k: cal[k] for k in ("in_sample_kl", "validation_kl")}}}
         paths[b] = K.plan_path(plan_dir, b, K.POLYKV_HEADS)

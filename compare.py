@@ -63,6 +63,12 @@ def pooled_scores(sets: list[tuple[Path, dict]], method: str, budget: str) -> di
 SAME_EXPERIMENT = ("model", "benchmark", "query", "max_length", "dtype", "settings")  # what pooled folders share
 
 
+def check_same_experiment(folder: Path, metrics: dict, first: Path, first_metrics: dict) -> None:
+    if changed := [f"{k} {metrics.get(k)} ({first}: {first_metrics.get(k)})" for k in SAME_EXPERIMENT
+                   if metrics.get(k) != first_metrics.get(k)]:
+        raise ValueError(f"{folder} is another experiment than {first}: {', '.join(changed)}; it cannot be pooled")
+
+
 def check_pairable(sets: list[tuple[Path, dict, Path, dict]]) -> None:
     """Each NEW/OLD pair holds the same samples; pooled pairs are the same experiment (model,
     settings, tasks) on other samples, none of them twice."""
@@ -70,10 +76,8 @@ def check_pairable(sets: list[tuple[Path, dict, Path, dict]]) -> None:
     for new, a_metrics, old, b_metrics in sets:
         if a_metrics["sample_ids"] != b_metrics["sample_ids"]:
             raise ValueError(f"{new} and {old} hold different samples: their scores cannot be paired")
-        for folder, metrics, first, first_metrics in ((new, a_metrics, first_new, first_a), (old, b_metrics, first_old, first_b)):
-            if changed := [f"{k} {metrics.get(k)} ({first}: {first_metrics.get(k)})" for k in SAME_EXPERIMENT
-                           if metrics.get(k) != first_metrics.get(k)]:
-                raise ValueError(f"{folder} is another experiment than {first}: {', '.join(changed)}; it cannot be pooled")
+        check_same_experiment(new, a_metrics, first_new, first_a)
+        check_same_experiment(old, b_metrics, first_old, first_b)
         if set(a_metrics["sample_ids"]) != set(first_a["sample_ids"]):
             raise ValueError(f"{new} holds other tasks than {first_new}: their samples cannot be pooled")
         for i in (i for task_ids in a_metrics["sample_ids"].values() for i in task_ids):

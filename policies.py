@@ -178,6 +178,15 @@ def knorm_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Te
     return -keys.float().norm(dim=-1)  # (B, n_kv, T)
 
 
+def keydiff_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
+    """KeyDiff (Park et al. 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context
+    LLM Inference in Resource-Constrained Environments"): keep the keys least like the head's
+    average key direction (the mean of its unit keys), so distinctive tokens survive whatever the
+    question will be. Needs no attention, like K-norm."""
+    anchor = F.normalize(keys.float(), dim=-1).mean(dim=2, keepdim=True)  # (B, n_kv, 1, hd)
+    return -F.cosine_similarity(keys.float(), anchor, dim=-1)  # (B, n_kv, T)
+
+
 def random_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:
     """Seeded random scores, different per layer: the floor every policy must beat.
     Same seed, same scores on any device (drawn on CPU)."""
@@ -188,7 +197,7 @@ def random_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.T
 
 SCORERS = {
     "streamingllm": streamingllm_scores, "h2o": h2o_scores, "snapkv": snapkv_scores,
-    "tova": tova_scores, "knorm": knorm_scores, "random": random_scores,
+    "tova": tova_scores, "knorm": knorm_scores, "keydiff": keydiff_scores, "random": random_scores,
 }
 
 

@@ -235,6 +235,23 @@ def test_knorm_scores():
     close(P.knorm_scores(k, NO_STATS, P.Settings()), ref)
 
 
+def test_keydiff_scores():
+    k = rand(B, NKV, 10, HD)
+    unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
+    ref = []
+    for b in k.tolist():
+        rows = []
+        for head in b:  # anchor: the mean of the head's unit keys; score: minus each key's cosine to it
+            anchor = [sum(unit(vec)[d] for vec in head) / len(head) for d in range(HD)]
+            rows.append([-sum(x * a for x, a in zip(unit(vec), unit(anchor))) for vec in head])
+        ref.append(rows)
+    close(P.keydiff_scores(k, NO_STATS, P.Settings()), ref)
+    # an outlier among near-copies scores highest: it is the token KeyDiff keeps
+    copies = rand(1, 1, 1, HD).expand(1, 1, 9, HD) + 0.01 * rand(1, 1, 9, HD, seed=1)
+    keys = torch.cat([copies[:, :, :4], rand(1, 1, 1, HD, seed=2), copies[:, :, 4:]], dim=2)
+    assert P.keydiff_scores(keys, NO_STATS, P.Settings())[0, 0].argmax() == 4
+
+
 def test_random_scores_reproducible():
     k = rand(B, NKV, 30, HD)
     a, b = P.random_scores(k, NO_STATS, P.Settings(seed=3)), P.random_scores(k, NO_STATS, P.Settings(seed=3))

@@ -296,7 +296,8 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
     (--span) may not; plans made without --confirm-routing serve a run with it (the caller confirms
     their routes) unless refined (the search started from the unconfirmed routes), never the
-    reverse, nor a folder half confirmed (interrupted). Their calibration_settings read as current."""
+    reverse, nor a folder half confirmed (interrupted), nor plans that chose among other candidate
+    policies (a policy added since). Their calibration_settings read as current."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -307,6 +308,11 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
         return None
     later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"],  # noqa: E731
                                                            **dict.fromkeys(LATER_STEPS)}}
+    pool = {p for plan in plans.values() for p in plan.info["calibration"]["uniform_kl"]}  # every candidate was scored
+    if pool != set(K.CANDIDATES):  # a policy was added (or removed) since: they chose from another pool
+        print(f"{out_dir}: the budget-{budget} plans chose among {', '.join(sorted(pool))}; the candidates are now "
+              f"{', '.join(K.CANDIDATES)}: calibrating again")
+        return None
     same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
                and all(later_aside(p.info).get(k) == v for k, v in later_aside(record).items()) for p in plans.values())
     was = {p.info["calibration_settings"]["confirm_routing"] for p in plans.values()}

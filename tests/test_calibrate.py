@@ -426,6 +426,22 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
                      longbench_dir) == resumed
 
 
+def test_plans_chosen_among_other_candidates_are_calibrated_again(tiny_checkpoint, longbench_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A policy added after a folder's plans were made: they chose without it, so the folder is not kept."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
+    monkeypatch.setattr(C, "build_references", lambda *a, **k: pytest.fail("redid finished plans"))
+    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)  # the same pool: kept
+    assert "already calibrated with these settings (kept): budgets [48]" in capsys.readouterr().out
+    monkeypatch.setitem(P.SCORERS, "oldest", lambda keys, stats, s: -torch.arange(keys.shape[2]).float().expand(keys.shape[:3]))
+    monkeypatch.setattr(K, "CANDIDATES", K.CANDIDATES + ("oldest",))
+    with pytest.raises(pytest.fail.Exception, match="redid finished plans"):
+        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
+    assert "the candidates are now streamingllm, h2o, snapkv, tova, knorm, keydiff, oldest: calibrating again" in capsys.readouterr().out
+
+
 def test_span_fits_every_signal_at_that_span(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):
     """--span S: the uniform policies, single-layer signals and plans are all measured at span S (the
     recorded KLs are those of pooled scores, exactly), and plans fitted at another span are not resumed."""

@@ -77,6 +77,7 @@ class CalibrationSettings:
     span: int = 1  # policies.Settings.span the routes and budgets are fitted at (1: scores as the policies give them)
     spans: list[int] | None = None  # candidate spans of the last step (see choose_span); None: [span], no choice
     confirm_routing: bool = False  # keep a layer's route only where it lowers the joint KL (search.confirm_routing)
+    candidates: list[str] | None = None  # the policies routing and the best uniform policy choose from (None: all)
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -101,15 +102,21 @@ class CalibrationSettings:
                 raise ValueError(f"{flag} {span}: {e}") from None
         if self.spans is not None and self.span not in self.spans:  # else the span step could drop the fitted span
             raise ValueError(f"--spans {' '.join(map(str, self.spans))} must include --span {self.span}, the span the plans are fitted at")
-        # as JSON reads it back (a list): resuming compares the two
+        if unknown := [p for p in self.candidates or [] if p not in K.CANDIDATES]:
+            raise ValueError(f"--candidates: unknown policy {unknown[0]!r} (known: {', '.join(K.CANDIDATES)})")
+        if self.candidates is not None and not self.candidates:
+            raise ValueError("--candidates needs at least one policy")
+        # as JSON reads them back (lists): resuming compares the two
         object.__setattr__(self, "spans", [self.span] if self.spans is None else list(self.spans))
+        object.__setattr__(self, "candidates", list(K.CANDIDATES if self.candidates is None else self.candidates))
 
 
 # -----------------------------------------------------------------------------
 # The paper's calibration: routing and allocation from single-layer signals
 
 
-def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, high: int, order: str) -> dict:
+def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, high: int, order: str,
+                candidates=K.CANDIDATES) -> dict:
     """PolyKV and its two ablations: {name: (policies, budgets, signals)}.
 
     routing only: every layer at the average budget, each with its preferred policy;
@@ -124,17 +131,17 @@ def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, 
     with 32: better or level, never worse."""
     sens_budget = max(low, average // 4)
     even = [average] * n
-    preference = lambda budgets: [{p: layer_kl(l, p, b) for p in K.CANDIDATES} for l, b in enumerate(budgets)]  # noqa: E731
+    preference = lambda budgets: [{p: layer_kl(l, p, b) for p in candidates} for l, b in enumerate(budgets)]  # noqa: E731
     sensitivity = lambda policies: K.sensitivity(layer_kl, policies, sens_budget)  # noqa: E731
     allocate = lambda sens: K.allocate(sens, average, low, high)  # noqa: E731
-    routed, best_sens = K.route(layer_kl, even, prefer=best), sensitivity([best] * n)
+    routed, best_sens = K.route(layer_kl, even, candidates, prefer=best), sensitivity([best] * n)
     allocated = allocate(best_sens)
     signal = lambda pref, sens: {"preference": pref, "sensitivity": sens, "sensitivity_budget": sens_budget}  # noqa: E731
     if order == "route-allocate":
         routed_sens = sensitivity(routed)
         both = (routed, allocate(routed_sens), signal(preference(even), routed_sens))
     else:
-        both = (K.route(layer_kl, allocated, prefer=best), allocated, signal(preference(allocated), best_sens))
+        both = (K.route(layer_kl, allocated, candidates, prefer=best), allocated, signal(preference(allocated), best_sens))
     return {"polykv": both, "polykv_routing": (routed, even, signal(preference(even), None)),
             "polykv_allocation": ([best] * n, allocated, signal(None, best_sens))}
 
@@ -157,17 +164,18 @@ def calibrate_budget(model, refs: list[O.Reference], val_refs: list[O.Reference]
     # a layer never needs more than the calibration prompts hold: budget above that would be unused
     low, longest = settings.window, max(r.cache.lengths[0] for r in refs)
     high = max(average, int(min(cs.max_ratio * average, longest)), low)  # min first: a huge ratio is not int()ed
-    uniform = {p: mean(objective([p] * n, [average] * n)) for p in K.CANDIDATES}
+    uniform = {p: mean(objective([p] * n, [average] * n)) for p in cs.candidates}
     best = min(uniform, key=uniform.get)
     table = {"uniform_kl": uniform, "best_uniform": best, "best_uniform_in_sample_kl": uniform[best], "order": cs.order}
     print(f"[{average}] uniform KL: " + ", ".join(f"{p}={kl:.4f}" for p, kl in uniform.items()))
     out = {name: {"policies": policies, "budgets": budgets, "calibration": {
                **table, "signals": signals, "paper_in_sample_kl": mean(objective(policies, budgets))}}  # before steps 5-6
-           for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high, cs.order).items()}
+           for name, (policies, budgets, signals) in paper_plans(layer_kl, best, n, average, low, high, cs.order,
+                                                                 cs.candidates).items()}
     if cs.confirm_routing:
         confirm_plans(objective, out, average, cs.min_win_share)
     if cs.refine:
-        refine_plans(objective, layer_kl, out, low, high, cs.quantum, cs.max_evals, cs.min_win_share)
+        refine_plans(objective, layer_kl, out, low, high, cs.quantum, cs.max_evals, cs.min_win_share, cs.candidates)
     return choose_span(model, refs, val_refs, out, average, settings, cs.spans)
 
 
@@ -296,8 +304,8 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
     (--span) may not; plans made without --confirm-routing serve a run with it (the caller confirms
     their routes) unless refined (the search started from the unconfirmed routes), never the
-    reverse, nor a folder half confirmed (interrupted), nor plans that chose among other candidate
-    policies (a policy added since). Their calibration_settings read as current."""
+    reverse, nor a folder half confirmed (interrupted). Their calibration_settings read as current (plans
+    made before KeyDiff existed, without --candidates: as chosen among the first five policies)."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -308,11 +316,6 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
         return None
     later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"],  # noqa: E731
                                                            **dict.fromkeys(LATER_STEPS)}}
-    pool = {p for plan in plans.values() for p in plan.info["calibration"]["uniform_kl"]}  # every candidate was scored
-    if pool != set(K.CANDIDATES):  # a policy was added (or removed) since: they chose from another pool
-        print(f"{out_dir}: the budget-{budget} plans chose among {', '.join(sorted(pool))}; the candidates are now "
-              f"{', '.join(K.CANDIDATES)}: calibrating again")
-        return None
     same = all(p.model == model_name and replace(p.settings, span=settings.span) == settings
                and all(later_aside(p.info).get(k) == v for k, v in later_aside(record).items()) for p in plans.values())
     was = {p.info["calibration_settings"]["confirm_routing"] for p in plans.values()}
@@ -356,6 +359,9 @@ def parse_args(argv):
                    "the joint KL (every layer compressed); on plans made without it (not refined), only this step "
                    "and the span step run, rewriting them")
     p.add_argument("--refine", action="store_true", help="refine the paper's plans with the coordinate-descent search")
+    p.add_argument("--candidates", nargs="+", choices=K.CANDIDATES, default=None, metavar="POLICY",
+                   help=f"the policies routing (and the best uniform policy) choose from (default: all, "
+                   f"{' '.join(K.CANDIDATES)}; the plans made before KeyDiff: {' '.join(K.FIRST_CANDIDATES)})")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",

@@ -151,7 +151,7 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     if not parents:
         return paths
     first = next(iter(parents.values()))
-    cs = C.CalibrationSettings(**first.info["calibration_settings"])
+    cs = C.CalibrationSettings(**K.calibration_settings(first.info))
     calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir, tuple(first.info.get("tasks", ())))
     if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
         raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")
@@ -164,7 +164,7 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
         sens = cal["signals"]["sensitivity"] or [0.0] * len(parent.budgets)
         order = sorted(range(len(parent.policies)), key=lambda l: -sens[l])
         pol, bud, kl, trace = S.search(objective, parent.policies, parent.budgets, order,
-                                     S.routing_moves(heads=model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
+                                     S.routing_moves(cs.candidates, model.cfg.n_kv_heads), max_evals, min_win_share=cs.min_win_share)
         val_kl = C.mean(validation_objective(pol, bud))
         info = {**parent.info, "calibration": {**cal, "search_trace": trace, "in_sample_kl": kl, "validation_kl": val_kl,
                                                "refined_from": {k: cal[k] for k in ("in_sample_kl", "validation_kl")}}}
@@ -326,6 +326,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-continuation", type=int, default=C.CalibrationSettings().n_continuation)
     p.add_argument("--max-ratio", type=float, default=C.CalibrationSettings().max_ratio,
                    help="a layer's budget is at most this many times the average budget (--head-routing: the plans' own)")
+    p.add_argument("--candidates", nargs="+", choices=K.CANDIDATES, default=None, metavar="POLICY",
+                   help=f"the policies routing chooses from (default: all; the committed studies: {' '.join(K.FIRST_CANDIDATES)})")
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
     p.add_argument("--validate-only", action="store_true",
                    help="only score the plans made so far (e.g. beside a run still making them), then the tables")
@@ -334,7 +336,7 @@ def main(argv=None) -> None:
         p.error("--out is required: the study folder (plans.jsonl, validation.jsonl, study.md)")
     cs = None if args.head_routing else C.CalibrationSettings(  # checks them, first (head routing: the plans' own)
         n_validation=args.n_validation, seed=args.seed, max_length=args.max_length,
-        n_continuation=args.n_continuation, max_ratio=args.max_ratio)
+        n_continuation=args.n_continuation, max_ratio=args.max_ratio, candidates=args.candidates)
     model_dir = CK.resolve_model_dir(args.model)
     data_dir = LB.find_data_dir(args.data_dir, C.ROOT)
     if args.head_routing:

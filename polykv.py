@@ -32,6 +32,7 @@ import policies as P
 PLANS_DIR = Path(__file__).resolve().parent / "plans"  # committed plans: plans/<model>/budget<B>/<name>.json
 DEFAULT_BUDGET = 512  # tokens kept per KV head per layer, on average, when no budget is asked for
 CANDIDATES = tuple(p for p in P.SCORERS if p != "random")  # routing candidates: random is the floor, not a choice
+FIRST_CANDIDATES = ("streamingllm", "h2o", "snapkv", "tova", "knorm")  # the candidates before KeyDiff was added
 BASELINES = tuple(P.SCORERS) + ("pyramidkv",)  # every single policy, and PyramidKV's schedule with SnapKV
 POLYKV = ("polykv", "polykv_routing", "polykv_allocation")  # PolyKV and its two ablations
 POLYKV_HEADS = "polykv_heads"  # a lever: one policy per KV head (calibration_study.py --head-routing); run when asked
@@ -186,10 +187,11 @@ def calibration_settings(info: dict) -> dict | None:
     """The calibration settings a plan's (or a study's) record holds (None for a plan written by hand).
     Calibrations run before a setting existed ran with its first value, and are read so here:
     query-aware, each layer's budget at most 4x the average, fitted at span 1, no span step, routes
-    not confirmed."""
+    not confirmed, routed among the policies its uniform step scored (the first five, for a study)."""
     recorded = info.get("calibration_settings")
+    scored = list(info.get("calibration", {}).get("uniform_kl", FIRST_CANDIDATES))
     return None if recorded is None else {"query": "aware", "max_ratio": 4.0, "span": 1, "spans": [1],
-                                          "confirm_routing": False, **recorded}
+                                          "confirm_routing": False, "candidates": scored, **recorded}
 
 
 def is_plan_method(method: str) -> bool:

@@ -112,15 +112,15 @@ def confirm_plans(objective, plans: dict[str, dict], average: int, min_win_share
 
 
 def refine_plans(objective, layer_kl: K.LayerKL, plans: dict[str, dict], low: int, high: int, quantum: int,
-                 max_evals: int, min_win_share: float) -> None:
+                 max_evals: int, min_win_share: float, candidates=K.CANDIDATES) -> None:
     """--refine on a budget's plans, in place: the search from each plan, with the moves of the plan's
     lever (PolyKV: both), layers tried most sensitive first; the trace in its record."""
     for name, plan in plans.items():
         signals = plan["calibration"]["signals"]
         sens = signals["sensitivity"] or K.sensitivity(layer_kl, plan["policies"], signals["sensitivity_budget"])
         order = sorted(range(len(sens)), key=lambda l: -sens[l])
-        moves = {"polykv": routing_moves() + allocation_moves(order, quantum, low, high),
-                 "polykv_routing": routing_moves(),
+        moves = {"polykv": routing_moves(candidates) + allocation_moves(order, quantum, low, high),
+                 "polykv_routing": routing_moves(candidates),
                  "polykv_allocation": allocation_moves(order, quantum, low, high)}[name]
         plan["policies"], plan["budgets"], _, plan["calibration"]["search_trace"] = search(
             objective, plan["policies"], plan["budgets"], order, moves, max_evals, min_win_share=min_win_share)

@@ -426,20 +426,29 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
                      longbench_dir) == resumed
 
 
-def test_plans_chosen_among_other_candidates_are_calibrated_again(tiny_checkpoint, longbench_dir, tmp_path,
-                                                                 monkeypatch, capsys):
-    """A policy added after a folder's plans were made: they chose without it, so the folder is not kept."""
+def test_candidates_limit_the_choice_and_a_folder_made_among_others_is_calibrated_again(
+        tiny_checkpoint, longbench_dir, tmp_path, monkeypatch, capsys):
+    """--candidates: the uniform step, routing and the plans use those policies only; a folder made
+    among other candidates (plans from before KeyDiff existed) is not kept, one made among the same is."""
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
-    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
-    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
-    monkeypatch.setattr(C, "build_references", lambda *a, **k: pytest.fail("redid finished plans"))
-    C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)  # the same pool: kept
-    assert "already calibrated with these settings (kept): budgets [48]" in capsys.readouterr().out
-    monkeypatch.setitem(P.SCORERS, "oldest", lambda keys, stats, s: -torch.arange(keys.shape[2]).float().expand(keys.shape[:3]))
-    monkeypatch.setattr(K, "CANDIDATES", K.CANDIDATES + ("oldest",))
-    with pytest.raises(pytest.fail.Exception, match="redid finished plans"):
-        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)
-    assert "the candidates are now streamingllm, h2o, snapkv, tova, knorm, keydiff, oldest: calibrating again" in capsys.readouterr().out
+    two = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6, candidates=["tova", "knorm"])
+    paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, two, P.Settings(), longbench_dir)[48]
+    for name, path in paths.items():
+        plan = K.load_plan(path)
+        assert set(plan.policies) <= {"tova", "knorm"} and list(plan.info["calibration"]["uniform_kl"]) == ["tova", "knorm"]
+        assert all(set(pref) == {"tova", "knorm"} for pref in plan.info["calibration"]["signals"]["preference"] or [])
+    with monkeypatch.context() as m:
+        m.setattr(C, "build_references", lambda *a, **k: pytest.fail("redid finished plans"))
+        C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, two, P.Settings(), longbench_dir)  # the same: kept
+        assert "already calibrated with these settings (kept): budgets [48]" in capsys.readouterr().out
+        with pytest.raises(pytest.fail.Exception, match="redid finished plans"):  # every policy now: made again
+            C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, replace(two, candidates=None), P.Settings(), longbench_dir)
+    old = {"calibration_settings": {"n_samples": 4}, "calibration": {"uniform_kl": dict.fromkeys(K.FIRST_CANDIDATES, 1.0)}}
+    assert K.calibration_settings(old)["candidates"] == list(K.FIRST_CANDIDATES)  # a record from before the field
+    assert K.calibration_settings({"calibration_settings": {}})["candidates"] == list(K.FIRST_CANDIDATES)  # a study's
+    assert C.CalibrationSettings().candidates == list(K.CANDIDATES) and "keydiff" in K.CANDIDATES
+    with pytest.raises(ValueError, match="--candidates: unknown policy 'random' \\(known: streamingllm, "):
+        C.CalibrationSettings(candidates=["knorm", "random"])
 
 
 def test_span_fits_every_signal_at_that_span(tiny_checkpoint, longbench_dir, tmp_path, monkeypatch):

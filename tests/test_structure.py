@@ -68,9 +68,9 @@ def test_calibration_defaults_are_written_once():
     from run_settings import MAX_LENGTH
     args = C.parse_args([])
     d = C.CalibrationSettings()
-    for name in C.CalibrationSettings.__dataclass_fields__:  # None: filled in later (spans from span)
+    for name in C.CalibrationSettings.__dataclass_fields__:  # None: filled in later (spans from span; every candidate)
         assert getattr(args, name) == getattr(d, name) or (name, getattr(args, name)) in (
-            ("max_length", None), ("spans", None)), name
+            ("max_length", None), ("spans", None), ("candidates", None)), name
     from_args = {f: getattr(args, f) for f in C.CalibrationSettings.__dataclass_fields__} | {"max_length": d.max_length}
     assert C.CalibrationSettings(**from_args) == d
     assert d.max_length == MAX_LENGTH["longbench"]

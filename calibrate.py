@@ -103,12 +103,13 @@ class CalibrationSettings:
         if self.spans is not None and self.span not in self.spans:  # else the span step could drop the fitted span
             raise ValueError(f"--spans {' '.join(map(str, self.spans))} must include --span {self.span}, the span the plans are fitted at")
         if unknown := [p for p in self.candidates or [] if p not in K.CANDIDATES]:
-            raise ValueError(f"--candidates: unknown policy {unknown[0]!r} (known: {', '.join(K.CANDIDATES)})")
+            raise ValueError(f"--candidates: {unknown[0]!r} is not a routing candidate (they are: {', '.join(K.CANDIDATES)})")
         if self.candidates is not None and not self.candidates:
             raise ValueError("--candidates needs at least one policy")
         # as JSON reads them back (lists): resuming compares the two
         object.__setattr__(self, "spans", [self.span] if self.spans is None else list(self.spans))
-        object.__setattr__(self, "candidates", list(K.CANDIDATES if self.candidates is None else self.candidates))
+        # in the registry's order, once each: the same set is the same setting
+        object.__setattr__(self, "candidates", [p for p in K.CANDIDATES if self.candidates is None or p in self.candidates])
 
 
 # -----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class CalibrationSettings:
 
 
 def paper_plans(layer_kl: K.LayerKL, best: str, n: int, average: int, low: int, high: int, order: str,
-                candidates=K.CANDIDATES) -> dict:
+                candidates: list[str]) -> dict:
     """PolyKV and its two ablations: {name: (policies, budgets, signals)}.
 
     routing only: every layer at the average budget, each with its preferred policy;
@@ -304,8 +305,8 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     (settings.span) and --spans may differ (the caller redoes the span step), their fitted span
     (--span) may not; plans made without --confirm-routing serve a run with it (the caller confirms
     their routes) unless refined (the search started from the unconfirmed routes), never the
-    reverse, nor a folder half confirmed (interrupted). Their calibration_settings read as current (plans
-    made before KeyDiff existed, without --candidates: as chosen among the first five policies)."""
+    reverse, nor a folder half confirmed (interrupted), nor plans chosen among other candidates (said: plans
+    made before --candidates existed read as chosen among the policies their uniform step scored)."""
     paths = {n: K.plan_path(out_dir, budget, n) for n in K.POLYKV}
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -313,6 +314,11 @@ def finished_plans(out_dir: Path, budget: int, model_name: str, record: dict,
     for p in plans.values():
         p.info["calibration_settings"] = K.calibration_settings(p.info)
     if any(p.info["calibration_settings"] is None for p in plans.values()):  # written by hand
+        return None
+    made_among, now_among = plans["polykv"].info["calibration_settings"]["candidates"], record["calibration_settings"]["candidates"]
+    if made_among != now_among:  # e.g. made before KeyDiff existed: rerun with their --candidates to keep them
+        print(f"{out_dir}: the budget-{budget} plans chose among {' '.join(made_among)}, this run among "
+              f"{' '.join(now_among)} (--candidates): calibrating again")
         return None
     later_aside = lambda r: {**r, "calibration_settings": {**r["calibration_settings"],  # noqa: E731
                                                            **dict.fromkeys(LATER_STEPS)}}

@@ -151,6 +151,9 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     if not parents:
         return paths
     first = next(iter(parents.values()))
+    if K.calibration_settings(first.info) is None:
+        raise ValueError(f"{plan_dir}: the budget-{first.info.get('target_budget')} PolyKV plan records no calibration "
+                         "(written by hand?): head routing starts from a calibrated plan and its samples")
     cs = C.CalibrationSettings(**K.calibration_settings(first.info))
     calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir, tuple(first.info.get("tasks", ())))
     if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
@@ -303,7 +306,8 @@ def check_same_study(path: Path, study: dict) -> None:
     old = json.loads(path.read_text())
     old = {"model": old.get("model"), "data": old.get("data"), **(K.calibration_settings(old) or {})}
     new = {"model": study["model"], "data": study["data"], **study["calibration_settings"]}
-    if changed := [f"{k} {old[k]} (now {v})" for k, v in new.items() if k in old and old[k] != v]:
+    shown = lambda k, v: f"--candidates {' '.join(v)}" if k == "candidates" else v  # noqa: E731  (the flag that resumes it)
+    if changed := [f"{k} {shown(k, old[k])} (now {shown(k, v)})" for k, v in new.items() if k in old and old[k] != v]:
         raise ValueError(f"{path}: this study ran with {', '.join(changed)}; resume it with the same settings "
                          "or give another --out")
 
@@ -327,7 +331,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-ratio", type=float, default=C.CalibrationSettings().max_ratio,
                    help="a layer's budget is at most this many times the average budget (--head-routing: the plans' own)")
     p.add_argument("--candidates", nargs="+", choices=K.CANDIDATES, default=None, metavar="POLICY",
-                   help=f"the policies routing chooses from (default: all; the committed studies: {' '.join(K.FIRST_CANDIDATES)})")
+                   help=f"the policies routing chooses from (default: all; the committed studies: {' '.join(K.FIRST_CANDIDATES)}; "
+                   "--head-routing: the plans' own)")
     p.add_argument("--head-routing", action="store_true", help="the per-KV-head lever on the committed PolyKV plans")
     p.add_argument("--validate-only", action="store_true",
                    help="only score the plans made so far (e.g. beside a run still making them), then the tables")

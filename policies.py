@@ -182,9 +182,11 @@ def keydiff_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.
     """KeyDiff (Park et al. 2025, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context
     LLM Inference in Resource-Constrained Environments"): keep the keys least like the head's
     average key direction (the mean of its unit keys), so distinctive tokens survive whatever the
-    question will be. Needs no attention, like K-norm."""
-    anchor = F.normalize(keys.float(), dim=-1).mean(dim=2, keepdim=True)  # (B, n_kv, 1, hd)
-    return -F.cosine_similarity(keys.float(), anchor, dim=-1)  # (B, n_kv, T)
+    question will be. Needs no attention, like K-norm. Scored once over the whole prompt, as kvpress's
+    KeyDiffPress does (the paper evicts block by block as the prompt streams in)."""
+    keys = keys.float()
+    anchor = F.normalize(keys, dim=-1).mean(dim=2, keepdim=True)  # (B, n_kv, 1, hd)
+    return -F.cosine_similarity(keys, anchor, dim=-1)  # (B, n_kv, T)
 
 
 def random_scores(keys: torch.Tensor, stats: LayerStats, s: Settings) -> torch.Tensor:

@@ -51,6 +51,8 @@ def calibration_table(plan_dir: Path) -> str:
         fitted = recorded.get("span", 1)
         span = (f", span {first.settings.span}" if first.settings.span > 1 else "") + (f" (fitted at {fitted})" if fitted > 1 else "")
         span += ", routes confirmed" if recorded.get("confirm_routing") else ""
+        among = recorded.get("candidates", list(K.CANDIDATES))
+        span += f", among {' '.join(among)}" if among != list(K.CANDIDATES) else ""  # e.g. made before KeyDiff
         cal = first.info["calibration"]
         rows.append(f"| {budget}{span} | uniform {cal['best_uniform']} | all {cal['best_uniform']} | {budget} everywhere | "
                     f"{cal['best_uniform_in_sample_kl']:.4f} | {cal['best_uniform_validation_kl']:.4f} | |")

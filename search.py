@@ -112,7 +112,7 @@ def confirm_plans(objective, plans: dict[str, dict], average: int, min_win_share
 
 
 def refine_plans(objective, layer_kl: K.LayerKL, plans: dict[str, dict], low: int, high: int, quantum: int,
-                 max_evals: int, min_win_share: float, candidates=K.CANDIDATES) -> None:
+                 max_evals: int, min_win_share: float, candidates: list[str]) -> None:
     """--refine on a budget's plans, in place: the search from each plan, with the moves of the plan's
     lever (PolyKV: both), layers tried most sensitive first; the trace in its record."""
     for name, plan in plans.items():

@@ -103,7 +103,7 @@ def test_paper_plans_route_and_allocate_from_single_layer_signals():
     """Layer l prefers policy PREF[l]; sensitivity grows with the layer; KL falls with the budget."""
     pref, weight = ["tova", "h2o", "snapkv", "h2o"], [1.0, 4.0, 16.0, 64.0]
     kl = lambda l, p, b: weight[l] * (1.0 if p == pref[l] else 2.0) / b  # noqa: E731
-    plans = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "route-allocate")
+    plans = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "route-allocate", K.CANDIDATES)
     routed, even, signals = plans["polykv_routing"]
     assert routed == pref and even == [128] * 4 and signals["preference"][2]["snapkv"] == 16 / 128
     policies, budgets, signals = plans["polykv_allocation"]
@@ -111,7 +111,7 @@ def test_paper_plans_route_and_allocate_from_single_layer_signals():
     assert budgets[3] > budgets[2] > budgets[1] > budgets[0] and signals["sensitivity_budget"] == 32
     policies, budgets, signals = plans["polykv"]  # route at 128, then allocate by the routed policies' sensitivity
     assert policies == pref and budgets == K.allocate([kl(l, pref[l], 32) for l in range(4)], 128, 32, 512)
-    policies, budgets, _ = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "allocate-route")["polykv"]
+    policies, budgets, _ = C.paper_plans(kl, "h2o", 4, 128, 32, 512, "allocate-route", K.CANDIDATES)["polykv"]
     assert policies == pref and budgets == plans["polykv_allocation"][1]  # allocate first, then route at those budgets
 
 
@@ -428,26 +428,35 @@ def test_span_step_picks_polykvs_lowest_in_sample_kl_and_reruns_alone_on_finishe
 
 def test_candidates_limit_the_choice_and_a_folder_made_among_others_is_calibrated_again(
         tiny_checkpoint, longbench_dir, tmp_path, monkeypatch, capsys):
-    """--candidates: the uniform step, routing and the plans use those policies only; a folder made
-    among other candidates (plans from before KeyDiff existed) is not kept, one made among the same is."""
+    """--candidates: the uniform step, routing, the search and the plans use those policies only; a folder
+    made among other candidates (plans from before KeyDiff existed) is not kept, one made among the same is,
+    also when its record predates the setting (read from the policies its uniform step scored)."""
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
-    two = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6, candidates=["tova", "knorm"])
+    two = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6,
+                                candidates=["knorm", "tova", "knorm"], refine=True, max_evals=6)
+    assert two.candidates == ["tova", "knorm"]  # the registry's order, once each
     paths = C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, two, P.Settings(), longbench_dir)[48]
     for name, path in paths.items():
         plan = K.load_plan(path)
         assert set(plan.policies) <= {"tova", "knorm"} and list(plan.info["calibration"]["uniform_kl"]) == ["tova", "knorm"]
         assert all(set(pref) == {"tova", "knorm"} for pref in plan.info["calibration"]["signals"]["preference"] or [])
+        assert all(s["step"].endswith(("tova", "knorm")) for s in plan.info["calibration"]["search_trace"]
+                   if "->" in s["step"])  # the search's routing moves too
+        record = json.loads(path.read_text())  # as a plan written before the setting existed
+        del record["calibration_settings"]["candidates"]
+        path.write_text(json.dumps(record))
     with monkeypatch.context() as m:
         m.setattr(C, "build_references", lambda *a, **k: pytest.fail("redid finished plans"))
         C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, two, P.Settings(), longbench_dir)  # the same: kept
         assert "already calibrated with these settings (kept): budgets [48]" in capsys.readouterr().out
         with pytest.raises(pytest.fail.Exception, match="redid finished plans"):  # every policy now: made again
             C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, replace(two, candidates=None), P.Settings(), longbench_dir)
-    old = {"calibration_settings": {"n_samples": 4}, "calibration": {"uniform_kl": dict.fromkeys(K.FIRST_CANDIDATES, 1.0)}}
-    assert K.calibration_settings(old)["candidates"] == list(K.FIRST_CANDIDATES)  # a record from before the field
+        assert f"plans chose among tova knorm, this run among {' '.join(K.CANDIDATES)} (--candidates)" in capsys.readouterr().out
+    scored = {"calibration_settings": {"n_samples": 4}, "calibration": {"uniform_kl": {"tova": 1.0, "keydiff": 1.0}}}
+    assert K.calibration_settings(scored)["candidates"] == ["tova", "keydiff"]  # a record from before the field
     assert K.calibration_settings({"calibration_settings": {}})["candidates"] == list(K.FIRST_CANDIDATES)  # a study's
     assert C.CalibrationSettings().candidates == list(K.CANDIDATES) and "keydiff" in K.CANDIDATES
-    with pytest.raises(ValueError, match="--candidates: unknown policy 'random' \\(known: streamingllm, "):
+    with pytest.raises(ValueError, match="--candidates: 'random' is not a routing candidate \\(they are: streamingllm, "):
         C.CalibrationSettings(candidates=["knorm", "random"])
 
 

@@ -107,6 +107,13 @@ def test_a_study_resumes_only_with_its_own_settings(no_model, tmp_path):
         S.main(["--data-dir", "x", "--out", str(tmp_path), "--max-ratio", "8"])
     with pytest.raises(ValueError, match="ran with model SmolLM2-135M-Instruct \\(now other\\)"):
         S.main(["--data-dir", "x", "--out", str(tmp_path), "--model", "other"])
+    del recorded["calibration_settings"]["candidates"]  # a study from before KeyDiff: among the first five
+    (tmp_path / "study.json").write_text(json.dumps(recorded))
+    five = " ".join(K.FIRST_CANDIDATES)
+    with pytest.raises(ValueError, match=f"ran with candidates --candidates {five} \\(now --candidates {five} keydiff\\)"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="loaded the model"):
+        S.main(["--data-dir", "x", "--out", str(tmp_path), "--candidates", *K.FIRST_CANDIDATES])
 
 
 def test_head_routing_splits_only_the_head_that_lowers_the_joint_kl(tiny_checkpoint, longbench_dir, tmp_path,

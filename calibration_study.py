@@ -151,10 +151,10 @@ def refine_heads(model, tokenizer, model_dir: Path, plan_dir: Path, budgets: lis
     if not parents:
         return paths
     first = next(iter(parents.values()))
-    if K.calibration_settings(first.info) is None:
+    if (recorded := K.calibration_settings(first.info)) is None:
         raise ValueError(f"{plan_dir}: the budget-{first.info.get('target_budget')} PolyKV plan records no calibration "
                          "(written by hand?): head routing starts from a calibrated plan and its samples")
-    cs = C.CalibrationSettings(**K.calibration_settings(first.info))
+    cs = C.CalibrationSettings(**recorded)
     calibration, validation, _ = C.calibration_sets(tokenizer, cs, data_dir, tuple(first.info.get("tasks", ())))
     if [s["_id"] for s in calibration] != first.info["calibration_ids"]:
         raise ValueError(f"{plan_dir}: this data gives other calibration samples than the plans record (--data-dir?)")

@@ -100,6 +100,13 @@ def best_baseline(olds: list[tuple[Path, dict]], budget: str) -> str:
     return best
 
 
+def pair_line(a_name: str, a: dict, b_name: str, base: dict, full: dict) -> str:
+    """A's average, B's, A minus B [paired interval], and A's score gap recovery over B (each a {task: scores})."""
+    return (f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
+            f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "
+            f"{report.pct_interval(report.bootstrap_gap_recovery(a, base, full))}")
+
+
 def compare(new: Path, old: Path, pairs: list[str], budget: int, pool: list[tuple[Path, Path]] = ()) -> list[str]:
     """One line per pair: A's average, B's, A minus B [interval], and A's score gap recovery over B.
     pool: further (NEW, OLD) folder pairs on other samples (another seed); each task's samples of all
@@ -115,10 +122,7 @@ def compare(new: Path, old: Path, pairs: list[str], budget: int, pool: list[tupl
         b_name = b_name or a_name
         if b_name == "best":
             b_name = best_baseline(olds, b)
-        a, base = pooled_scores(news, a_name, b), pooled_scores(olds, b_name, b)
-        lines.append(f"{a_name} {report.average(a):.1f} minus {b_name} {report.average(base):.1f}: "
-                     f"{report.interval(report.bootstrap_difference(a, base), 1)}, score gap recovery "
-                     f"{report.pct_interval(report.bootstrap_gap_recovery(a, base, full))}")
+        lines.append(pair_line(a_name, pooled_scores(news, a_name, b), b_name, pooled_scores(olds, b_name, b), full))
     return lines
 
 

@@ -10,7 +10,7 @@ both into a static plan per budget.
    (compressed before the question is seen) and scores the answer read through it.
 2. The signal (objective.py). The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
    A *single-layer* KL compresses one layer only (every other layer keeps everything); its pass
-   starts at that layer, from FullKV's hidden state there.
+   starts at that layer, from FullKV's hidden state there. (--token-kl max: a sample's worst token instead.)
 3. Allocation (polykv.allocate): each layer's cache sensitivity is its single-layer KL at a
    quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
 4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
@@ -78,6 +78,7 @@ class CalibrationSettings:
     spans: list[int] | None = None  # candidate spans of the last step (see choose_span); None: [span], no choice
     confirm_routing: bool = False  # keep a layer's route only where it lowers the joint KL (search.confirm_routing)
     candidates: list[str] | None = None  # the policies routing and the best uniform policy choose from (None: all)
+    token_kl: str = "mean"  # a sample's KL: the mean over its answer tokens (the paper's), or "max": its worst token
 
     def __post_init__(self):
         for name in ("n_samples", "n_validation", "max_length", "n_continuation", "max_evals", "quantum"):
@@ -85,6 +86,8 @@ class CalibrationSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.n_continuation < 2:
             raise ValueError("--n-continuation must be at least 2 (the first token carries no signal)")
+        if self.token_kl not in ("mean", "max"):
+            raise ValueError(f"token_kl must be 'mean' or 'max', got {self.token_kl!r}")
         if self.query not in ("aware", "agnostic"):
             raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
@@ -222,7 +225,7 @@ def build_references(model, tokenizer, model_dir, samples: list[dict], cs: Calib
     for s in tqdm(samples, desc=desc):
         ids, n_context = bench.prompt_ids(tokenizer, s, cs.max_length)
         refs.append(O.build_reference(model, ids, s["_id"], cs.n_continuation, stop_ids, settings.window,
-                                    n_context if cs.query == "agnostic" else None))
+                                    n_context if cs.query == "agnostic" else None, cs.token_kl))
     return refs
 
 
@@ -370,6 +373,7 @@ def parse_args(argv):
                    f"{' '.join(K.CANDIDATES)}; the plans made before KeyDiff: {' '.join(K.FIRST_CANDIDATES)})")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
+    p.add_argument("--token-kl", choices=("mean", "max"), default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     p.add_argument("--tova-agg", choices=P.AGGREGATIONS, default=P.Settings().tova_agg,

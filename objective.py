@@ -32,12 +32,13 @@ class Reference:
     trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
     prefill_seconds: float
     scored_from: int  # the first scored position: where the answer's tokens are predicted
+    token_kl: str = "mean"  # a sample's KL over its scored tokens: their "mean" (the paper's), or "max" (its worst)
     memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
     recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
 
 def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, stop_ids, window: int,
-                    n_context: int | None = None) -> Reference:
+                    n_context: int | None = None, token_kl: str = "mean") -> Reference:
     """FullKV's side of the objective on one prompt. Query-aware (n_context None) the whole prompt is
     prefilled, to be compressed; FullKV's greedy answer is teacher-forced on top and scored from its
     second token (the first comes from the prefill, which compression does not change).
@@ -57,13 +58,15 @@ def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, 
     continuation, trunk, scored_from = torch.cat([question, answer]), [], max(len(question) - 1, 0)
     logits = M.forward(model, continuation[None, :-1], cache.share(), layer_inputs=trunk)[0]  # (N-1, V)
     return Reference(sample_id, cache, stats, continuation, F.log_softmax(logits[scored_from:], -1), trunk, seconds,
-                     scored_from)
+                     scored_from, token_kl)
 
 
 def scored_kl(ref: Reference, logits: torch.Tensor) -> float:
-    """The objective on one reference: mean KL(FullKV || compressed) over its scored positions, from
-    the compressed pass's logits (N-1, V) over continuation[:-1]."""
-    return K.mean_kl(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1)).item()
+    """The objective on one reference: KL(FullKV || compressed) over its scored positions, from the
+    compressed pass's logits (N-1, V) over continuation[:-1]; their mean, or with token_kl "max" the
+    worst one (an exact-match answer is lost by its worst token, which a mean over many dilutes)."""
+    kls = K.token_kls(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1))  # (S,)
+    return (kls.max() if ref.token_kl == "max" else kls.mean()).item()
 
 
 def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:

@@ -187,11 +187,13 @@ def calibration_settings(info: dict) -> dict | None:
     """The calibration settings a plan's (or a study's) record holds (None for a plan written by hand).
     Calibrations run before a setting existed ran with its first value, and are read so here:
     query-aware, each layer's budget at most 4x the average, fitted at span 1, no span step, routes
-    not confirmed, routed among the policies its uniform step scored (the first five, for a study)."""
+    not confirmed, routed among the policies its uniform step scored (the first five, for a study), a
+    sample's KL the mean over its tokens."""
     recorded = info.get("calibration_settings")
     scored = list(info.get("calibration", {}).get("uniform_kl", FIRST_CANDIDATES))
     return None if recorded is None else {"query": "aware", "max_ratio": 4.0, "span": 1, "spans": [1],
-                                          "confirm_routing": False, "candidates": scored, **recorded}
+                                          "confirm_routing": False, "candidates": scored, "token_kl": "mean",
+                                          **recorded}
 
 
 def is_plan_method(method: str) -> bool:
@@ -315,10 +317,15 @@ def teacher_forced_logprobs(model: M.Transformer, cache: M.KVCache, continuation
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def token_kls(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(full || compressed) of next-token distributions, summed over the vocabulary, at each
+    position: (..., N, V) log-probs -> (..., N)."""
+    return F.kl_div(logprobs, full_logprobs.expand_as(logprobs), log_target=True, reduction="none").sum(-1)
+
+
 def mean_kl(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(full || compressed) of next-token distributions, summed over the vocabulary, averaged
-    over positions (the last dim but one): (..., N, V) log-probs -> (...,). The calibration objective."""
-    return F.kl_div(logprobs, full_logprobs.expand_as(logprobs), log_target=True, reduction="none").sum(-1).mean(-1)
+    """token_kls averaged over positions: (..., N, V) log-probs -> (...,). The calibration objective."""
+    return token_kls(full_logprobs, logprobs).mean(-1)
 
 
 def continuation_kl(full_logprobs: torch.Tensor, model: M.Transformer, compressed: M.KVCache,

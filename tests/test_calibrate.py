@@ -1,6 +1,7 @@
 """Calibration: the paper's plans and the search on constructed objectives, the single-layer and joint
 objectives against the plain teacher-forced pass, and a whole run on a tiny model."""
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -167,6 +168,30 @@ def test_query_agnostic_reference_scores_the_answer_read_through_the_compressed_
     logprobs = K.teacher_forced_logprobs(model, K.apply_plan(ref.cache, ref.stats, uniform, 60), ref.continuation)
     assert O.plan_sample_kl(model, ref, uniform) == pytest.approx(K.mean_kl(ref.full_logprobs, logprobs[39:]).item(), rel=1e-5)
     assert O.plan_sample_kl(model, ref, K.Plan(["snapkv"] * 4, [300] * 4, settings=s)) == pytest.approx(0, abs=1e-6)
+
+
+def test_token_kl_max_scores_a_sample_by_its_worst_token():
+    """token_kl "max": a reference's objective is the largest textbook KL over its scored positions
+    (not their mean), for one layer compressed and for a whole plan; "mean" stays the paper's."""
+    model = tiny()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    worst = O.build_reference(model, ids, "r", 12, stop_ids=(), window=16, token_kl="max")
+    mean = O.build_reference(model, ids, "r", 12, stop_ids=(), window=16)
+    s = P.Settings(window=16)
+    plan = K.Plan(["h2o", "snapkv", "tova", "knorm"], [40, 64, 100, 48], settings=s)
+    logprobs = K.teacher_forced_logprobs(model, K.apply_plan(worst.cache, worst.stats, plan, 12), worst.continuation)
+    naive = [sum(math.exp(f) * (f - c) for f, c in zip(full.tolist(), comp.tolist()))
+             for full, comp in zip(worst.full_logprobs, logprobs[worst.scored_from:])]
+    assert O.plan_sample_kl(model, worst, plan) == pytest.approx(max(naive), rel=1e-4)
+    assert O.plan_sample_kl(model, mean, plan) == pytest.approx(sum(naive) / len(naive), rel=1e-4)
+    assert max(naive) > 1.5 * sum(naive) / len(naive)  # the two differ on this sample
+    one = K.Plan(["snapkv"] * 4, [10_000, 64, 10_000, 10_000], settings=s)
+    logprobs = K.teacher_forced_logprobs(model, K.apply_plan(worst.cache, worst.stats, one, 12), worst.continuation)
+    expected = K.token_kls(worst.full_logprobs, logprobs[worst.scored_from:]).max().item()
+    assert O.single_layer_kl(model, worst, 1, "snapkv", 64, s) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="token_kl must be 'mean' or 'max'"):
+        C.CalibrationSettings(token_kl="median")
+    assert K.calibration_settings({"calibration_settings": {}})["token_kl"] == "mean"  # a record from before it
 
 
 def test_reusing_unchanged_layers_gives_the_plain_objective(monkeypatch):

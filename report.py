@@ -51,6 +51,7 @@ def calibration_table(plan_dir: Path) -> str:
         fitted = recorded.get("span", 1)
         span = (f", span {first.settings.span}" if first.settings.span > 1 else "") + (f" (fitted at {fitted})" if fitted > 1 else "")
         span += ", routes confirmed" if recorded.get("confirm_routing") else ""
+        span += ", KL of each sample's worst token" if recorded.get("token_kl") == "max" else ""  # not a mean's scale
         among = recorded.get("candidates", list(K.CANDIDATES))
         span += f", among {' '.join(among)}" if among != list(K.CANDIDATES) else ""  # e.g. made before KeyDiff
         cal = first.info["calibration"]

@@ -554,6 +554,23 @@ def test_confirmation_keeps_only_the_routes_that_lower_the_joint_kl():
     assert S.confirm_routing(objective, ["h2o"] * 4, budgets, "h2o", preference, 0.5)[0] == ["h2o"] * 4
 
 
+def test_token_kl_max_is_recorded_labelled_and_never_served_by_mean_plans(tiny_checkpoint, longbench_dir, tmp_path):
+    """--token-kl max: the plans record it, their validation KLs are each held-out sample's worst-token
+    KL, the summary says so, and a folder calibrated with the mean is calibrated again, not reused."""
+    model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
+    cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
+    run = lambda settings: C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, settings, P.Settings(), longbench_dir)  # noqa: E731
+    assert K.load_plan(run(cs)[48]["polykv"]).info["calibration_settings"]["token_kl"] == "mean"
+    worst = replace(cs, token_kl="max")
+    plan = K.load_plan(run(worst)[48]["polykv"])
+    assert plan.info["calibration_settings"]["token_kl"] == "max"
+    val_refs = C.build_references(model, tokenizer, tiny_checkpoint, C.calibration_sets(tokenizer, worst, longbench_dir)[1],
+                                  worst, P.Settings(), "x")
+    assert [r.token_kl for r in val_refs] == ["max", "max"]
+    assert plan.info["calibration"]["validation_kls"] == pytest.approx(O.sample_kls(model, val_refs, plan), abs=2e-6)
+    assert ", KL of each sample's worst token | uniform " in report.calibration_table(tmp_path)
+
+
 def test_confirmation_runs_alone_on_finished_plans_and_matches_a_fresh_run(tiny_checkpoint, longbench_dir, tmp_path,
                                                                           monkeypatch, capsys):
     """Single-layer signals route layer 0 to TOVA and layer 1 to SnapKV; jointly only TOVA on layer 0

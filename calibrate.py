@@ -8,9 +8,10 @@ both into a static plan per budget.
 1. References (objective.py). Each calibration prompt is prefilled once; FullKV's greedy continuation and its
    next-token distributions over it are the target. --query agnostic prefills only the context
    (compressed before the question is seen) and scores the answer read through it.
-2. The signal (objective.py). The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced.
+2. The signal (objective.py). The end-to-end KL(FullKV || compressed) over that continuation, teacher-forced:
+   the mean over its tokens, or with --token-kl max its worst token (not the paper's; for exact-match answers).
    A *single-layer* KL compresses one layer only (every other layer keeps everything); its pass
-   starts at that layer, from FullKV's hidden state there. (--token-kl max: a sample's worst token instead.)
+   starts at that layer, from FullKV's hidden state there.
 3. Allocation (polykv.allocate): each layer's cache sensitivity is its single-layer KL at a
    quarter of the target budget; budgets follow sqrt(sensitivity) under the exact total.
 4. Routing (polykv.route): each layer takes the policy with the lowest single-layer KL.
@@ -86,8 +87,8 @@ class CalibrationSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.n_continuation < 2:
             raise ValueError("--n-continuation must be at least 2 (the first token carries no signal)")
-        if self.token_kl not in ("mean", "max"):
-            raise ValueError(f"token_kl must be 'mean' or 'max', got {self.token_kl!r}")
+        if self.token_kl not in O.TOKEN_KLS:
+            raise ValueError(f"token_kl must be one of {', '.join(O.TOKEN_KLS)}, got {self.token_kl!r}")
         if self.query not in ("aware", "agnostic"):
             raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
@@ -373,7 +374,7 @@ def parse_args(argv):
                    f"{' '.join(K.CANDIDATES)}; the plans made before KeyDiff: {' '.join(K.FIRST_CANDIDATES)})")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
-    p.add_argument("--token-kl", choices=("mean", "max"), default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
+    p.add_argument("--token-kl", choices=O.TOKEN_KLS, default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     p.add_argument("--tova-agg", choices=P.AGGREGATIONS, default=P.Settings().tova_agg,

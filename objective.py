@@ -1,6 +1,7 @@
 """
 The calibration's objective, as the paper defines it: the end-to-end KL(FullKV || compressed)
-over FullKV's own continuation, teacher-forced.
+over FullKV's own continuation, teacher-forced, averaged over the scored tokens of each sample (or,
+not the paper's, each sample's worst token: TOKEN_KLS).
 
 A `Reference` is FullKV's side on one calibration prompt, prefilled once: the full cache and
 statistics, FullKV's greedy continuation and its log-probs, and FullKV's input to every layer.
@@ -21,6 +22,8 @@ import model as M
 import polykv as K
 import policies as P
 
+TOKEN_KLS = ("mean", "max")  # how a sample's KL reduces its scored tokens' KLs: the paper's mean, or the worst
+
 
 @dataclass
 class Reference:
@@ -32,7 +35,7 @@ class Reference:
     trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
     prefill_seconds: float
     scored_from: int  # the first scored position: where the answer's tokens are predicted
-    token_kl: str = "mean"  # a sample's KL over its scored tokens: their "mean" (the paper's), or "max" (its worst)
+    token_kl: str = "mean"  # one of TOKEN_KLS
     memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
     recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
@@ -44,7 +47,7 @@ def build_reference(model, ids: list[int], sample_id: str, n_continuation: int, 
     second token (the first comes from the prefill, which compression does not change).
     Query-agnostic (n_context: how many ids are context) only the context is prefilled, to be
     compressed before the question is seen, as in evaluation; the question and the answer are
-    teacher-forced on top, and every answer token is scored."""
+    teacher-forced on top, and every answer token is scored. token_kl: see scored_kl."""
     cut = n_context if n_context is not None and n_context < len(ids) else len(ids)
     tokens = torch.tensor([ids[:cut]], device=model.embed_tokens.weight.device)
     t0 = time.perf_counter()
@@ -66,7 +69,7 @@ def scored_kl(ref: Reference, logits: torch.Tensor) -> float:
     compressed pass's logits (N-1, V) over continuation[:-1]; their mean, or with token_kl "max" the
     worst one (an exact-match answer is lost by its worst token, which a mean over many dilutes)."""
     kls = K.token_kls(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1))  # (S,)
-    return (kls.max() if ref.token_kl == "max" else kls.mean()).item()
+    return {"mean": kls.mean, "max": kls.max}[ref.token_kl]().item()
 
 
 def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:

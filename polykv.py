@@ -324,7 +324,8 @@ def token_kls(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tens
 
 
 def mean_kl(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """token_kls averaged over positions: (..., N, V) log-probs -> (...,). The calibration objective."""
+    """token_kls averaged over positions: (..., N, V) log-probs -> (...,). The evaluation's tf KL, and
+    the calibration objective's sample KL (objective.scored_kl, unless it takes the worst token)."""
     return token_kls(full_logprobs, logprobs).mean(-1)
 
 

@@ -374,7 +374,7 @@ def parse_args(argv):
                    f"{' '.join(K.CANDIDATES)}; the plans made before KeyDiff: {' '.join(K.FIRST_CANDIDATES)})")
     p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
-    p.add_argument("--token-kl", choices=O.TOKEN_KLS, default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
+    p.add_argument("--token-kl", choices=list(O.TOKEN_KLS), default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",
                    help="print the calibration table of the plans under PLAN_DIR (e.g. plans/<model>) and exit")
     p.add_argument("--tova-agg", choices=P.AGGREGATIONS, default=P.Settings().tova_agg,

@@ -22,7 +22,7 @@ import model as M
 import polykv as K
 import policies as P
 
-TOKEN_KLS = ("mean", "max")  # how a sample's KL reduces its scored tokens' KLs: the paper's mean, or the worst
+TOKEN_KLS = {"mean": torch.mean, "max": torch.amax}  # a sample's KL from its tokens' KLs: the paper's mean, or the worst
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Reference:
     trunk: list[torch.Tensor]  # FullKV's input (1, N-1, dim) to each layer on the continuation
     prefill_seconds: float
     scored_from: int  # the first scored position: where the answer's tokens are predicted
-    token_kl: str = "mean"  # one of TOKEN_KLS
+    token_kl: str  # a key of TOKEN_KLS
     memo: dict = field(default_factory=dict)  # scores per (layer, policy), single-layer KLs
     recent: dict = field(default_factory=dict)  # recent plans' layer inputs, see plan_sample_kl
 
@@ -69,7 +69,7 @@ def scored_kl(ref: Reference, logits: torch.Tensor) -> float:
     compressed pass's logits (N-1, V) over continuation[:-1]; their mean, or with token_kl "max" the
     worst one (an exact-match answer is lost by its worst token, which a mean over many dilutes)."""
     kls = K.token_kls(ref.full_logprobs, F.log_softmax(logits[ref.scored_from:], -1))  # (S,)
-    return {"mean": kls.mean, "max": kls.max}[ref.token_kl]().item()
+    return TOKEN_KLS[ref.token_kl](kls).item()
 
 
 def single_layer_kl(model, ref: Reference, layer: int, policy: str, budget: int, settings: P.Settings) -> float:

@@ -51,7 +51,7 @@ import policies as P
 import report
 import ruler as R
 import run_folder as RF
-from run_settings import MAX_LENGTH
+from run_settings import MAX_LENGTH, QUERY_MODES
 from search import confirm_plans, mean, refine_plans
 
 ROOT = Path(__file__).resolve().parent
@@ -89,8 +89,8 @@ class CalibrationSettings:
             raise ValueError("--n-continuation must be at least 2 (the first token carries no signal)")
         if self.token_kl not in O.TOKEN_KLS:
             raise ValueError(f"token_kl must be one of {', '.join(O.TOKEN_KLS)}, got {self.token_kl!r}")
-        if self.query not in ("aware", "agnostic"):
-            raise ValueError(f"query must be 'aware' or 'agnostic', got {self.query!r}")
+        if self.query not in QUERY_MODES:
+            raise ValueError(f"query must be one of {', '.join(QUERY_MODES)}, got {self.query!r}")
         if self.order not in ("route-allocate", "allocate-route"):
             raise ValueError(f"order must be 'route-allocate' or 'allocate-route', got {self.order!r}")
         if not 1 <= self.max_ratio < float("inf"):  # also refuses nan
@@ -372,7 +372,7 @@ def parse_args(argv):
     p.add_argument("--candidates", nargs="+", choices=K.CANDIDATES, default=None, metavar="POLICY",
                    help=f"the policies routing (and the best uniform policy) choose from (default: all, "
                    f"{' '.join(K.CANDIDATES)}; the plans made before KeyDiff: {' '.join(K.FIRST_CANDIDATES)})")
-    p.add_argument("--query", choices=("aware", "agnostic"), default=d.query, help="agnostic: plans for compressing the "
+    p.add_argument("--query", choices=QUERY_MODES, default=d.query, help="agnostic: plans for compressing the "
                    "context before the question is seen (evaluate them with longbench_eval.py --query agnostic)")
     p.add_argument("--token-kl", choices=list(O.TOKEN_KLS), default=d.token_kl, help="a sample's KL: its tokens' mean, or worst")
     p.add_argument("--summary", type=Path, default=None, metavar="PLAN_DIR",

@@ -24,6 +24,7 @@ import run_folder as RF
 QUICK = {"longbench": 1, "ruler": 3}  # the quick default's samples per task: ~15 min on a 2-core CPU
 QUICK_MAX_NEW = 128  # the quick default skips LongBench's 512-token summaries (3x the rest's decoding)
 MAX_LENGTH = {"longbench": 2048, "ruler": 4096}  # LongBench: middle truncation; RULER: prompt + generation
+QUERY_MODES = ("aware", "agnostic")  # aware: the question is compressed with the context; agnostic: prefilled after
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint folder or cached Hugging Face model id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--benchmark", choices=("longbench", "ruler"), help="default: LongBench if found (or downloaded), else RULER")
     p.add_argument("--data-dir", help="LongBench folder (default: $LONGBENCH_DIR, then data/LongBench)")
-    p.add_argument("--query", choices=("aware", "agnostic"), default="aware",
+    p.add_argument("--query", choices=QUERY_MODES, default="aware",
                    help="aware: compress the whole prompt; agnostic: compress the context, then prefill the question")
     p.add_argument("--tasks", nargs="+", default=(), help="subset of tasks (default: all)")
     p.add_argument("--ids", nargs="+", default=(), help="evaluate exactly these sample ids")

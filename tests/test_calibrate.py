@@ -559,7 +559,7 @@ def test_token_kl_max_is_recorded_labelled_and_never_served_by_mean_plans(tiny_c
     KL, the summary says so, and a folder calibrated with the mean is calibrated again, not reused."""
     model, tokenizer = CK.load_model(tiny_checkpoint), CK.load_tokenizer(tiny_checkpoint)
     cs = C.CalibrationSettings(n_samples=4, n_validation=2, max_length=200, n_continuation=6)
-    run = lambda cs: C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, cs, P.Settings(), longbench_dir)  # noqa: E731
+    run = lambda s: C.run(model, tokenizer, tiny_checkpoint, [48], tmp_path, s, P.Settings(), longbench_dir)  # noqa: E731
     assert K.load_plan(run(cs)[48]["polykv"]).info["calibration_settings"]["token_kl"] == "mean"
     worst = replace(cs, token_kl="max")
     plan = K.load_plan(run(worst)[48]["polykv"])
